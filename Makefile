@@ -1,0 +1,60 @@
+# Hands-On Transformers. Every target creates .venv from requirements.txt when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export MPLBACKEND := Agg
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+.PHONY: help install book lab exercises autograde feedback report export test test-fast clean
+
+help:
+	@echo "make book       build the book into _build/html (warnings are errors)"
+	@echo "make lab        open the exercises in JupyterLab"
+	@echo "make exercises  regenerate exercises/ from solutions/ (instructors)"
+	@echo "make autograde  grade submitted/<student>/<assignment>/ and write grades.csv"
+	@echo "make feedback   write feedback HTML (no hidden tests) to feedback/"
+	@echo "make report     write the class report to reports/"
+	@echo "make test       run every check CI runs"
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+book: $(STAMP)
+	$(VENV)/bin/jupyter-book build . --all -W -n --keep-going
+	@echo "The book: $(CURDIR)/_build/html/index.html"
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab exercises/
+
+exercises: $(STAMP)
+	$(PY) -m handson.grading release
+
+autograde: $(STAMP)
+	$(PY) -m handson.grading autograde $(if $(FORCE),--force,)
+
+feedback: $(STAMP)
+	$(PY) -m handson.grading feedback
+
+report: $(STAMP)
+	$(PY) -m handson.grading report
+
+export: $(STAMP)
+	$(PY) -m handson.grading export
+
+# Everything CI runs: unit tests, the release check, the solutions, the autograder pipeline with
+# the catalog of buggy submissions, nbval over the chapters, and the book build.
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
+	$(PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env \
+		--nbval-sanitize-with tests/nbval_sanitize.cfg book
+	$(VENV)/bin/jupyter-book build . --all -W -n --keep-going
+	@echo "make test: all checks passed"
+
+clean:
+	rm -rf _build .pytest_cache
