@@ -18,7 +18,7 @@ def seed_everything(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-#: Hand-made features for a toy sentence: (determiner, animal, verb, place, the-first, the-second).
+#: Hand-made features for a toy sentence: (determiner, animal, action, place).
 _TOY = {
     "the": [1.0, 0.0, 0.0, 0.0],
     "cat": [0.0, 1.0, 0.0, 0.0],

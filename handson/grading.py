@@ -680,6 +680,15 @@ def _run_autograde(app, captured: dict[str, Any]) -> None:
         exporter_mod.Exporter._preprocess = orig
 
 
+def default_jobs() -> int:
+    """Submissions graded at once: one per core, at most 4 (each kernel takes ~0.5 GB)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _worker_init(reference: dict[str, str]) -> None:
+    integrity.set_reference(reference)
+
+
 def _load_manifest(course: Course) -> dict[str, str]:
     path = course.root / MANIFEST
     try:
@@ -741,7 +750,7 @@ def discover(course: Course, students: Sequence[str] | None = None,
 def autograde(course: Course, students: Sequence[str] | None = None,
               assignments: Sequence[str] | None = None, force: bool = False, timeout: float = 60,
               notebook_timeout: float = 600, verbose: bool = False,
-              export: bool = True) -> list[Result]:
+              export: bool = True, jobs: int | None = None) -> list[Result]:
     """Grade every new or changed submission; keep every other gradebook row; export grades."""
     todo, results = discover(course, students, assignments)
     for r in results:
@@ -760,6 +769,7 @@ def autograde(course: Course, students: Sequence[str] | None = None,
         if course.gradebook.exists():
             shutil.copyfile(course.gradebook, course.root / "gradebook.db.bak")
     manifest = _load_manifest(course)
+    pending: list[tuple[str, str, str]] = []
     for student, assignment in todo:
         key = f"{student}/{assignment}"
         digest = _digest(course.submitted / student / assignment)
@@ -770,17 +780,41 @@ def autograde(course: Course, students: Sequence[str] | None = None,
                 r.score, r.max_score = _gradebook_scores(course, assignment, student)
             print(r.line(), flush=True)
             results.append(r)
-            continue
-        try:
-            r = grade_submission(course, student, assignment, timeout=timeout,
-                                 notebook_timeout=notebook_timeout, verbose=verbose)
-        except Exception as exc:  # noqa: BLE001 -- one submission never stops the batch
-            r = Result(student, assignment, "error", notes=[f"{type(exc).__name__}: {exc}"])
+        else:
+            pending.append((student, assignment, digest))
+
+    def _done(student: str, assignment: str, digest: str, r: Result) -> None:
         if r.status in ("graded", "ungradable"):
-            manifest[key] = digest
+            manifest[f"{student}/{assignment}"] = digest
             _save_manifest(course, manifest)
         print(r.line(), flush=True)
         results.append(r)
+
+    kwargs = dict(timeout=timeout, notebook_timeout=notebook_timeout, verbose=verbose)
+    jobs = max(1, min(jobs or default_jobs(), len(pending)))
+    if jobs == 1:
+        for student, assignment, digest in pending:
+            try:
+                r = grade_submission(course, student, assignment, **kwargs)
+            except Exception as exc:  # noqa: BLE001 -- one submission never stops the batch
+                r = Result(student, assignment, "error", notes=[f"{type(exc).__name__}: {exc}"])
+            _done(student, assignment, digest, r)
+    elif pending:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        reference = integrity.reference_fingerprints()
+        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"),
+                                    initializer=_worker_init, initargs=(reference,)) as pool:
+            futures = {pool.submit(grade_submission, course, s, a, **kwargs): (s, a, d)
+                       for s, a, d in pending}
+            for fut in cf.as_completed(futures):
+                s, a, d = futures[fut]
+                try:
+                    r = fut.result()
+                except Exception as exc:  # noqa: BLE001 -- a crashed worker loses one submission
+                    r = Result(s, a, "error", notes=[f"{type(exc).__name__}: {exc}"])
+                _done(s, a, d, r)
     if export and course.gradebook.exists():
         export_grades(course)
     return results
@@ -897,6 +931,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=60, help="seconds per cell (default 60)")
     p.add_argument("--notebook-timeout", type=float, default=600,
                    help="seconds per notebook (default 600)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="submissions graded at once (default: one per core, at most 4)")
     p = sub.add_parser("feedback", help="write feedback HTML to feedback/")
     p.add_argument("assignments", nargs="*")
     p.add_argument("--student", action="append")
@@ -913,7 +949,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "autograde":
         results = autograde(course, args.student, args.assignments or None, force=args.force,
                             timeout=args.timeout, notebook_timeout=args.notebook_timeout,
-                            verbose=args.verbose)
+                            verbose=args.verbose, jobs=args.jobs)
         bad = [r for r in results if r.status in ("error", "ungradable")]
         graded = [r for r in results if r.status == "graded"]
         print(f"{len(graded)} graded, {len([r for r in results if r.status == 'skipped'])} unchanged, "

@@ -21,7 +21,6 @@ import ast
 import json
 import subprocess
 import sys
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +104,23 @@ def probe_code() -> str:
             f"{WATCHED_MODULES!r}))\n")
 
 
-@lru_cache(maxsize=1)
+_REFERENCE: dict[str, str] = {}
+
+
+def set_reference(reference: dict[str, str]) -> None:
+    """Use fingerprints taken elsewhere (a grading worker gets them from its parent)."""
+    _REFERENCE.clear()
+    _REFERENCE.update(reference)
+
+
 def reference_fingerprints() -> dict[str, str]:
     """Fingerprints taken in a fresh, clean interpreter with torch and handson imported."""
+    if not _REFERENCE:
+        _REFERENCE.update(_take_reference())
+    return dict(_REFERENCE)
+
+
+def _take_reference() -> dict[str, str]:
     code = ("import torch, torch.nn, torch.nn.functional, torch.testing, torch.autograd, builtins\n"
             "import handson.checks\n"
             "torch.manual_seed(0)  # wraps itself on first use\n" + probe_code() + "\nprint(__handson_probe_result)\n")

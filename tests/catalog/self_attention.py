@@ -1,0 +1,61 @@
+"""Plausible mistakes in the self-attention exercise, each one a small edit of the solution."""
+
+from support import bug
+
+SDPA, MOD = "sdpa", "self_attention"
+
+BUGS = [
+    bug("no_scaling", SDPA, ("scores = (q @ k.transpose(-2, -1)) * scale", "scores = q @ k.transpose(-2, -1)"),
+        "forgets to divide the scores by sqrt(d_k)", ["test_sdpa_reference"]),
+    bug("scale_by_d", SDPA, ("1.0 / math.sqrt(q.size(-1))", "1.0 / q.size(-1)"),
+        "divides by d_k instead of sqrt(d_k)", ["test_sdpa_reference"]),
+    bug("scale_by_value_dim", SDPA, ("1.0 / math.sqrt(q.size(-1))", "1.0 / math.sqrt(v.size(-1))"),
+        "takes the scale from the values' dimension", ["test_sdpa_reference"]),
+    bug("softmax_over_queries", SDPA, ("torch.softmax(scores, dim=-1)", "torch.softmax(scores, dim=-2)"),
+        "normalises over the queries instead of the keys", ["test_sdpa_shapes", "test_sdpa_reference"]),
+    bug("inverted_mask", SDPA, ("scores.masked_fill(~attn_mask,", "scores.masked_fill(attn_mask,"),
+        "uses nn.MultiheadAttention's convention (True = blocked)", ["test_sdpa_masking", "test_sdpa_reference"]),
+    bug("mask_ignored", SDPA, ("scores = scores.masked_fill(~attn_mask, float(\"-inf\"))", "pass"),
+        "accepts a mask but never applies it", ["test_sdpa_masking", "test_sdpa_reference"]),
+    bug("finite_fill_no_zero_rows", SDPA,
+        [("float(\"-inf\"))", "-1e9)"), ("weights = weights.masked_fill(no_key, 0.0)", "pass")],
+        "fills with -1e9: fully masked rows become uniform instead of zero", ["test_sdpa_masking"]),
+    bug("nan_for_fully_masked_rows", SDPA, ("weights = weights.masked_fill(no_key, 0.0)", "pass"),
+        "leaves NaN in rows whose keys are all masked", ["test_sdpa_masking"]),
+    bug("inplace_fill_softmax_output", SDPA,
+        ("weights = weights.masked_fill(no_key, 0.0)", "weights.masked_fill_(~attn_mask, 0.0)"),
+        "fills the softmax output in place: backward raises", ["test_sdpa_masking", "test_sdpa_reference"]),
+    bug("detached_scores", SDPA, ("scores = (q @ k.transpose(-2, -1)) * scale",
+                                  "scores = (q @ k.transpose(-2, -1)).detach() * scale"),
+        "detaches the scores: q and k get no gradient", ["test_sdpa_reference"]),
+    bug("data_renormalisation", SDPA,
+        ("weights = torch.softmax(scores, dim=-1)",
+         "weights = torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1)\n"
+         "    if attn_mask is not None:\n"
+         "        weights = weights.masked_fill(~attn_mask, 0.0)\n"
+         "        weights.data = weights.data / weights.data.sum(-1, keepdim=True)"),
+        "masks after the softmax and renormalises through .data: right forward, wrong gradients",
+        ["test_sdpa_reference"]),
+    bug("mutates_query", SDPA, ("scores = (q @ k.transpose(-2, -1)) * scale",
+                                "q.mul_(scale)\n    scores = q @ k.transpose(-2, -1)"),
+        "scales the caller's q in place", ["test_sdpa_hygiene"]),
+    bug("only_3d", SDPA, ("k.transpose(-2, -1)", "k.transpose(1, 2)"),
+        "transposes fixed dims: breaks for 2-D and 4-D inputs", ["test_sdpa_reference"]),
+    bug("float32_softmax", SDPA, ("torch.softmax(scores, dim=-1)", "torch.softmax(scores.float(), dim=-1)"),
+        "computes the softmax in float32: float64 in no longer gives float64 out",
+        ["test_sdpa_reference", "test_sdpa_hygiene"]),
+    bug("cpu_constant", SDPA, ("scores = scores.masked_fill(~attn_mask, float(\"-inf\"))",
+                               "scores = torch.where(attn_mask, scores, torch.full(scores.shape, float(\"-inf\"), dtype=scores.dtype))"),
+        "builds the fill tensor on the CPU: fails for inputs on another device", ["test_sdpa_hygiene"]),
+    bug("returns_swapped", SDPA, ("return weights @ v, weights", "return weights, weights @ v"),
+        "returns (weights, out) instead of (out, weights)", ["test_sdpa_shapes"]),
+    bug("module_without_output_projection", MOD, ("return self.o(out), weights", "return out, weights"),
+        "never applies the output projection o", ["test_module_reference"]),
+    bug("module_keys_as_queries", MOD, ("scaled_dot_product_attention(self.q(x), self.k(x)",
+                                        "scaled_dot_product_attention(self.k(x), self.q(x)"),
+        "swaps the query and key projections: the weights come out transposed", ["test_module_reference"]),
+    bug("module_drops_mask", MOD, ("self.v(x), attn_mask)", "self.v(x))"),
+        "the module ignores its attn_mask", ["test_module_reference"]),
+    bug("module_no_bias", MOD, ("self.q = nn.Linear(d_model, d_model)", "self.q = nn.Linear(d_model, d_model, bias=False)"),
+        "the query projection has no bias (nn.MultiheadAttention's has one)", ["test_module_reference"]),
+]

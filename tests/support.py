@@ -1,0 +1,124 @@
+"""Shared helpers of the test suite: course copies, submissions built from the solutions, bugs."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[1]
+_MARKER = re.compile(r"^[ \t]*### (BEGIN|END) SOLUTION[ \t]*\n?", re.MULTILINE)
+
+
+def assignments() -> list[str]:
+    return sorted(p.name for p in (ROOT / "solutions").iterdir()
+                  if p.is_dir() and any(p.glob("*.ipynb")))
+
+
+def notebook_name(assignment: str) -> str:
+    return sorted((ROOT / "solutions" / assignment).glob("*.ipynb"))[0].name
+
+
+def solution_cells(assignment: str) -> dict[str, str]:
+    """grade_id -> the solution's code for every answer cell, markers removed."""
+    nb = nbformat.read(str(ROOT / "solutions" / assignment / notebook_name(assignment)), 4)
+    out = {}
+    for c in nb.cells:
+        meta = c.metadata.get("nbgrader", {})
+        if meta.get("solution"):
+            out[meta["grade_id"]] = _MARKER.sub("", c.source)
+    return out
+
+
+def release(assignment: str) -> nbformat.NotebookNode:
+    return nbformat.read(str(ROOT / "exercises" / assignment / notebook_name(assignment)), 4)
+
+
+def submission(assignment: str, answers: dict[str, str] | None = None) -> nbformat.NotebookNode:
+    """The release with the given answer cells filled in (the rest left blank)."""
+    nb = release(assignment)
+    answers = answers or {}
+    for c in nb.cells:
+        gid = c.metadata.get("nbgrader", {}).get("grade_id")
+        if gid in answers:
+            c.source = answers[gid]
+    return nb
+
+
+@dataclass(frozen=True)
+class Bug:
+    """A plausible mistake: text edits applied to one answer cell of the solution.
+
+    ``expect``: test cells (grade ids) that must lose points -- the checks meant to catch it.
+    """
+
+    name: str
+    cell: str
+    edits: tuple[tuple[str, str], ...]
+    why: str
+    expect: tuple[str, ...] = field(default=())
+
+    def answers(self, assignment: str) -> dict[str, str]:
+        cells = solution_cells(assignment)
+        src = cells[self.cell]
+        for old, new in self.edits:
+            if old not in src:
+                raise AssertionError(f"bug {self.name!r}: {old!r} is not in the solution of "
+                                     f"{self.cell!r}; the catalog is out of date")
+            src = src.replace(old, new, 1)
+        if src == cells[self.cell]:
+            raise AssertionError(f"bug {self.name!r} changes nothing")
+        cells[self.cell] = src
+        return cells
+
+
+def bug(name: str, cell: str, edits: list[tuple[str, str]] | tuple[str, str], why: str,
+        expect: tuple[str, ...] | list[str] = ()) -> Bug:
+    if isinstance(edits, tuple):
+        edits = [edits]
+    return Bug(name, cell, tuple(tuple(e) for e in edits), why, tuple(expect))
+
+
+def load_catalog(assignment: str) -> list[Bug]:
+    import importlib
+
+    mod = importlib.import_module(f"catalog.{assignment}")
+    return list(mod.BUGS)
+
+
+def make_course(tmp: Path, assignment_ids: list[str]) -> Path:
+    """A course directory with this repo's config, solutions and releases for the given ids."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "nbgrader_config.py", tmp / "nbgrader_config.py")
+    for a in assignment_ids:
+        shutil.copytree(ROOT / "solutions" / a, tmp / "solutions" / a)
+        shutil.copytree(ROOT / "exercises" / a, tmp / "exercises" / a)
+    return tmp
+
+
+def submit(course: Path, student: str, assignment: str, nb: nbformat.NotebookNode | bytes | str,
+           name: str | None = None) -> Path:
+    folder = course / "submitted" / student / assignment
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (name or notebook_name(assignment))
+    if isinstance(nb, (bytes, str)):
+        path.write_bytes(nb.encode() if isinstance(nb, str) else nb)
+    else:
+        nbformat.write(nb, str(path))
+    return path
+
+
+def cell_scores(course: Path, assignment: str, student: str) -> dict[str, tuple[float, float]]:
+    """grade_id -> (score, max_score) of every test cell of one graded submission."""
+    from nbgrader.api import Gradebook
+
+    out = {}
+    with Gradebook("sqlite:///" + str(course / "gradebook.db")) as gb:
+        sub = gb.find_submission(assignment, student)
+        for nb in sub.notebooks:
+            for g in nb.grades:
+                out[g.name] = (float(g.score), float(g.max_score))
+    return out
