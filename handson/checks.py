@@ -33,6 +33,8 @@ __all__ = [
     "check_matches_reference",
     "check_runs_on_meta",
     "sdpa_reference",
+    "check_matches_torch_mha",
+    "check_no_future_leakage",
 ]
 
 #: Tolerances for float64 comparisons against PyTorch's reference implementations.
@@ -300,3 +302,167 @@ def check_runs_on_meta(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
                 "created on the CPU -- create it with device=x.device (and dtype=x.dtype)."
             ) from None
         raise
+
+
+def _copy_into_torch_mha(module: torch.nn.Module, n_head: int, dtype: torch.dtype,
+                         device: torch.device) -> torch.nn.MultiheadAttention:
+    for name in ("q", "k", "v", "o"):
+        layer = getattr(module, name, None)
+        if not isinstance(layer, torch.nn.Linear):
+            raise AssertionError(f"the module needs an nn.Linear named {name!r} (the book's naming).")
+    d = module.q.in_features
+    for name in ("q", "k", "v", "o"):
+        layer = getattr(module, name)
+        if (layer.in_features, layer.out_features) != (d, d):
+            raise AssertionError(
+                f"{name} should be nn.Linear({d}, {d}) but maps {layer.in_features} -> "
+                f"{layer.out_features}: every projection keeps d_model (heads split the result)."
+            )
+        if layer.bias is None:
+            raise AssertionError(f"{name} has no bias: keep nn.Linear's default bias=True.")
+    ref = torch.nn.MultiheadAttention(d, n_head, batch_first=True, dtype=dtype, device=device)
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(torch.cat([module.q.weight, module.k.weight, module.v.weight]))
+        ref.in_proj_bias.copy_(torch.cat([module.q.bias, module.k.bias, module.v.bias]))
+        ref.out_proj.weight.copy_(module.o.weight)
+        ref.out_proj.bias.copy_(module.o.bias)
+    return ref
+
+
+def check_matches_torch_mha(
+    module: torch.nn.Module,
+    n_head: int,
+    x: Tensor,
+    context: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    ref_mask: Tensor | None = None,
+    call: Callable[..., Any] | None = None,
+    atol: float = ATOL64,
+    rtol: float = RTOL64,
+) -> None:
+    """Compare an attention module with ``nn.MultiheadAttention`` holding the same weights.
+
+    ``module`` has ``nn.Linear`` layers ``q, k, v, o`` (d_model -> d_model) and returns
+    ``(out, weights)`` with per-head weights ``(B, H, L, S)`` (or ``(B, L, S)`` for one head).
+    It is called as ``module(x, attn_mask=attn_mask)`` or, with ``context``,
+    ``module(x, context, attn_mask=attn_mask)``; pass ``call(module, x, context)`` to call it
+    differently. ``ref_mask`` (default ``attn_mask``) is the mask the reference must apply, in
+    the book's convention (True = may attend); it is inverted for ``nn.MultiheadAttention``. Query
+    rows that may attend no key are compared with zero weights and a zero attention result.
+    Compares output, weights, and the gradients with respect to the inputs and the q, k, v, o weights.
+    """
+    ref_mask = attn_mask if ref_mask is None else ref_mask
+    dtype, device = x.dtype, x.device
+    module.zero_grad(set_to_none=True)
+    ref = _copy_into_torch_mha(module, n_head, dtype, device)
+    x1, x2 = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    c1 = c2 = None
+    if context is not None:
+        c1 = context.detach().clone().requires_grad_()
+        c2 = context.detach().clone().requires_grad_()
+    if call is not None:
+        result = call(module, x1, c1)
+    elif context is None:
+        result = module(x1, attn_mask=attn_mask)
+    else:
+        result = module(x1, c1, attn_mask=attn_mask)
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise AssertionError("the module should return a pair (out, weights).")
+    out, weights = result
+    kv = x2 if c2 is None else c2
+    B, L, S = x.shape[0], x.shape[1], kv.shape[1]
+    ref_attn_mask = None
+    allowed = None
+    if ref_mask is not None:
+        allowed = torch.broadcast_to(ref_mask.to(device), (B, n_head, L, S))
+        # nn.MultiheadAttention: True = NOT allowed, 3-D masks are (B * H, L, S); rows with no
+        # allowed key are opened up here and zeroed below, since MHA would give NaN for them.
+        empty = ~allowed.any(-1, keepdim=True)
+        ref_attn_mask = (~(allowed | empty)).reshape(B * n_head, L, S)
+    ref_out_raw, ref_w = _mha_forward_zeroing(ref, x2, kv, ref_attn_mask, allowed, n_head)
+    want_w = ref_w if weights is not None and weights.dim() == 4 else ref_w.mean(1)
+    check_shape(out, ref_out_raw.shape, "out")
+    check_shape(weights, want_w.shape, "weights",
+                hint="weights are per head, shaped (batch, n_head, queries, keys)")
+    check_dtype(out, dtype, "out")
+    check_finite(out, "out")
+    check_close(weights, want_w, "weights", atol=atol, rtol=rtol,
+                hint="check the split into heads (view then transpose), the scale 1/sqrt(d_head), "
+                "the softmax dimension and the mask (True = may attend)")
+    check_close(out, ref_out_raw, "out", atol=atol, rtol=rtol,
+                hint="check how heads are merged back (transpose then reshape) and the output "
+                "projection o")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    proj = torch.randn(out.shape, generator=gen, dtype=dtype).to(device)
+    check_backward_runs(lambda: (out * proj).sum())
+    (ref_out_raw * proj).sum().backward()
+    inputs = {"x": x1} if c1 is None else {"x": x1, "context": c1}
+    expected = {"x": x2.grad} if c2 is None else {"x": x2.grad, "context": c2.grad}
+    check_grads_close(inputs, expected, atol=atol, rtol=rtol)
+    d = module.q.in_features
+    g = ref.in_proj_weight.grad
+    check_grads_close(
+        {"q.weight": module.q.weight, "k.weight": module.k.weight, "v.weight": module.v.weight,
+         "o.weight": module.o.weight},
+        {"q.weight": g[:d], "k.weight": g[d:2 * d], "v.weight": g[2 * d:],
+         "o.weight": ref.out_proj.weight.grad},
+        atol=atol, rtol=rtol,
+    )
+
+
+def _mha_forward_zeroing(ref: torch.nn.MultiheadAttention, x: Tensor, kv: Tensor,
+                         mask: Tensor | None, allowed: Tensor | None, n_head: int
+                         ) -> tuple[Tensor, Tensor]:
+    """nn.MultiheadAttention's output and per-head weights, with empty query rows zeroed."""
+    if allowed is None or bool(allowed.any(-1).all()):
+        out, w = ref(x, kv, kv, attn_mask=mask, need_weights=True, average_attn_weights=False)
+        return out, w
+    # Recompute from the reference's own projections, zeroing rows with no allowed key, so
+    # that the comparison follows SDPA's convention for such rows.
+    d = ref.embed_dim
+    hd = d // n_head
+    wq, wk, wv = ref.in_proj_weight.split(d)
+    bq, bk, bv = ref.in_proj_bias.split(d)
+    B, L, S = x.shape[0], x.shape[1], kv.shape[1]
+    q = F.linear(x, wq, bq).view(B, L, n_head, hd).transpose(1, 2)
+    k = F.linear(kv, wk, bk).view(B, S, n_head, hd).transpose(1, 2)
+    v = F.linear(kv, wv, bv).view(B, S, n_head, hd).transpose(1, 2)
+    attn, w = sdpa_reference(q, k, v, allowed)
+    out = ref.out_proj(attn.transpose(1, 2).reshape(B, L, d))
+    return out, w
+
+
+def check_no_future_leakage(fn: Callable[[Tensor], Any], x: Tensor, name: str = "out") -> None:
+    """Assert that position t of ``fn(x)`` depends on no input position after t.
+
+    ``fn`` maps ``x`` (B, L, D) to ``out`` or ``(out, weights)`` with ``out`` (B, L, ...). For
+    every t the inputs after t are replaced by noise and the outputs up to t must not change;
+    the gradient of ``out[:, t]`` must be zero at every later input position.
+    """
+    def run(inp: Tensor) -> Tensor:
+        res = fn(inp)
+        return res[0] if isinstance(res, tuple) else res
+
+    base = run(x.detach()).detach()
+    L = x.shape[1]
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    for t in range(L - 1):
+        noisy = x.detach().clone()
+        noisy[:, t + 1:] = torch.randn(noisy[:, t + 1:].shape, generator=gen, dtype=x.dtype).to(x.device) * 3
+        changed = run(noisy).detach()
+        if not torch.allclose(changed[:, :t + 1], base[:, :t + 1], atol=1e-12, rtol=0):
+            diff = float((changed[:, :t + 1] - base[:, :t + 1]).abs().max())
+            raise AssertionError(
+                f"{name} at position {t} changed by {diff:.3g} when only later positions changed: "
+                "future tokens leak -- is the causal mask applied, lower-triangular (tril), and not "
+                "inverted?"
+            )
+    xg = x.detach().clone().requires_grad_()
+    out = run(xg)
+    t = max(0, L // 2 - 1)
+    check_backward_runs(lambda: out[:, t].sum())
+    if xg.grad is not None and xg.grad[:, t + 1:].abs().max() != 0:
+        raise AssertionError(
+            f"the gradient of {name} at position {t} reaches later input positions: future tokens "
+            "leak through the attention weights."
+        )
