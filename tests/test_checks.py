@@ -1,0 +1,172 @@
+"""handson.checks: each check passes on correct code and fails, with its diagnosis, on a bug."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from handson import checks
+
+f64 = dict(dtype=torch.float64)
+
+
+def good_attention(q, k, v, attn_mask=None):
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf"))
+    w = torch.softmax(s, -1)
+    if attn_mask is not None:
+        w = w.masked_fill(~attn_mask.any(-1, keepdim=True), 0.0)
+    return w @ v, w
+
+
+def qkv(*shape):
+    torch.manual_seed(0)
+    return {n: torch.randn(*shape, **f64) for n in "qkv"}
+
+
+def test_shape_and_dtype():
+    checks.check_shape(torch.zeros(2, 3), (2, 3))
+    with pytest.raises(AssertionError, match=r"has shape \(2, 3\) but should have shape \(3, 2\)"):
+        checks.check_shape(torch.zeros(2, 3), (3, 2))
+    with pytest.raises(AssertionError, match="should be a torch.Tensor"):
+        checks.check_shape([1, 2], (2,))
+    with pytest.raises(AssertionError, match="float64"):
+        checks.check_dtype(torch.zeros(2), torch.float64)
+
+
+def test_tensor_subclasses_are_refused():
+    class Liar(torch.Tensor):
+        pass
+
+    with pytest.raises(AssertionError, match="subclass"):
+        checks.check_shape(torch.zeros(2).as_subclass(Liar), (2,))
+
+
+def test_rows_sum_to_one():
+    w = torch.softmax(torch.randn(3, 4), -1)
+    checks.check_rows_sum_to_one(w)
+    with pytest.raises(AssertionError, match="dim=-1"):
+        checks.check_rows_sum_to_one(torch.softmax(torch.randn(3, 4), 0))
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[1] = False
+    w = w.clone()
+    w[1] = 0
+    checks.check_rows_sum_to_one(w, mask)
+    with pytest.raises(AssertionError, match="NaN"):
+        checks.check_rows_sum_to_one(torch.full((2, 2), float("nan")))
+
+
+def test_masked_weights_zero():
+    mask = torch.ones(3, 3, dtype=torch.bool).tril()
+    _, w = good_attention(*qkv(3, 4).values(), mask)
+    checks.check_masked_weights_zero(w, mask)
+    with pytest.raises(AssertionError, match="inverted"):
+        checks.check_masked_weights_zero(torch.softmax(torch.randn(3, 3), -1), mask)
+
+
+def test_matches_reference_accepts_correct_code():
+    mask = torch.rand(2, 4, 5) > 0.3
+    mask[0, 1] = False
+    checks.check_matches_reference(good_attention, checks.sdpa_reference,
+                                   {"q": torch.randn(2, 4, 3, **f64), "k": torch.randn(2, 5, 3, **f64),
+                                    "v": torch.randn(2, 5, 2, **f64)}, extra={"attn_mask": mask})
+
+
+def _unscaled(q, k, v, attn_mask=None):
+    w = torch.softmax(q @ k.transpose(-2, -1), -1)
+    return w @ v, w
+
+
+def _inplace_softmax(q, k, v, attn_mask=None):
+    s = (q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))).masked_fill(~attn_mask, float("-inf"))
+    w = torch.softmax(s, -1)
+    w.masked_fill_(~attn_mask, 0.0)  # already zero there: the forward is right, backward raises
+    return w @ v, w
+
+
+def _detached(q, k, v, attn_mask=None):
+    s = (q @ k.transpose(-2, -1)).detach() / math.sqrt(q.size(-1))
+    w = torch.softmax(s.masked_fill(~attn_mask, float("-inf")), -1)
+    return w @ v, w
+
+
+def _data_renorm(q, k, v, attn_mask=None):
+    w = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)), -1).masked_fill(~attn_mask, 0)
+    w.data = w.data / w.data.sum(-1, keepdim=True)
+    return w @ v, w
+
+
+def _mutating(q, k, v, attn_mask=None):
+    q.data.mul_(2)
+    return good_attention(q, k, v, attn_mask)
+
+
+@pytest.mark.parametrize("fn, message", [
+    (_unscaled, "scale"),
+    (_inplace_softmax, "modified in place"),
+    (_detached, "cut out of the graph"),
+    (_data_renorm, "autograd does not see"),
+    (_mutating, "modified in place by the call"),
+])
+def test_matches_reference_diagnoses_bugs(fn, message):
+    mask = torch.ones(4, 4, dtype=torch.bool).tril()
+    with pytest.raises(AssertionError, match=message):
+        checks.check_matches_reference(fn, checks.sdpa_reference, qkv(2, 4, 3), extra={"attn_mask": mask})
+
+
+def test_runs_on_meta():
+    m = [torch.empty(2, 3, 4, device="meta") for _ in range(3)]
+    out, _ = checks.check_runs_on_meta(good_attention, *m, torch.ones(3, 3, dtype=torch.bool, device="meta"))
+    assert out.device.type == "meta"
+
+    def cpu_constant(q, k, v):
+        return q + torch.ones(q.shape)
+
+    with pytest.raises(AssertionError, match="device=x.device"):
+        checks.check_runs_on_meta(cpu_constant, *m)
+
+
+class _MHA(nn.Module):
+    def __init__(self, d, h, causal=False, skip_transpose=False):
+        super().__init__()
+        self.h, self.causal, self.skip = h, causal, skip_transpose
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x, attn_mask=None):
+        B, L, D = x.shape
+        hd = D // self.h
+
+        def split(t):
+            return t.view(B, self.h, L, hd) if self.skip else t.view(B, L, self.h, hd).transpose(1, 2)
+
+        mask = attn_mask
+        if self.causal:
+            c = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+            mask = c if mask is None else mask & c
+        a, w = good_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), mask)
+        return self.o(a.transpose(1, 2).reshape(B, L, D)), w
+
+
+def test_matches_torch_mha():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8, **f64)
+    pad = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    pad[0, ..., :2] = False
+    checks.check_matches_torch_mha(_MHA(8, 2).double(), 2, x, attn_mask=pad)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    checks.check_matches_torch_mha(_MHA(8, 2, causal=True).double(), 2, x, attn_mask=pad,
+                                   ref_mask=pad & causal)
+    with pytest.raises(AssertionError, match="split into heads"):
+        checks.check_matches_torch_mha(_MHA(8, 2, skip_transpose=True).double(), 2, x)
+
+
+def test_no_future_leakage():
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 8, **f64)
+    checks.check_no_future_leakage(_MHA(8, 2, causal=True).double(), x)
+    with pytest.raises(AssertionError, match="future tokens leak"):
+        checks.check_no_future_leakage(_MHA(8, 2).double(), x)
