@@ -496,7 +496,7 @@ def _install_kernelspec(folder: Path) -> None:
     spec_dir.mkdir(parents=True, exist_ok=True)
     spec = {
         "argv": [sys.executable, "-m", "handson.sandbox", "--", sys.executable, "-m",
-                 "ipykernel_launcher", "-f", "{connection_file}"],
+                 "ipykernel_launcher", "--IPKernelApp.log_level=ERROR", "-f", "{connection_file}"],
         "display_name": "Python 3 (handson sandbox)",
         "language": "python",
         "metadata": {"debugger": False},
