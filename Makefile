@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export MPLBACKEND := Agg
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: help install book lab exercises autograde feedback report export run test clean
+.PHONY: help install book lab exercises autograde feedback report export run collect test clean
 
 help:
 	@echo "make book       build the book into _build/html (warnings are errors)"
@@ -15,6 +15,7 @@ help:
 	@echo "make autograde  grade submitted/<student>/<assignment>/ and write grades.csv"
 	@echo "make feedback   write feedback HTML (no hidden tests) to feedback/"
 	@echo "make report     write the class report to reports/"
+	@echo "make collect ASSIGNMENT=<a> ZIP=<file.zip>   import submissions downloaded from an LMS"
 	@echo "make run NB=book/<id>.ipynb   re-execute a chapter, storing clean outputs"
 	@echo "make test       run every check CI runs"
 
@@ -44,6 +45,9 @@ feedback: $(STAMP)
 
 report: $(STAMP)
 	$(PY) -m handson.grading report
+
+collect: $(STAMP)
+	$(PY) -m handson.grading collect $(ASSIGNMENT) $(ZIP)
 
 run: $(STAMP)
 	$(PY) -m handson.nbtools run $(NB)

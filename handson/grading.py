@@ -912,6 +912,41 @@ def feedback(course: Course, students: Sequence[str] | None = None,
 
 
 # --------------------------------------------------------------------------------------------
+# Importing a zip of submissions downloaded from a learning-management system
+# --------------------------------------------------------------------------------------------
+
+
+def collect_zip(course: Course, assignment: str, archive: Path, verbose: bool = False) -> list[str]:
+    """Import ``archive`` (a zip of notebooks named ``<student>_..._<notebook>.ipynb``, as Moodle or
+    Canvas name them) into ``submitted/<student>/<assignment>/`` with nbgrader's zip_collect.
+
+    Returns the student ids imported.
+    """
+    releases = course.release_notebooks(assignment)
+    if not releases:
+        raise SystemExit(f"unknown assignment {assignment!r}: no release in exercises/{assignment}")
+    names = "|".join(re.escape(p.name) for p in releases)
+    regexp = rf".*/(?P<student_id>[A-Za-z0-9][A-Za-z0-9.@+-]*)_(?:[^/]*_)?(?P<file_id>{names})$"
+    dest = course.root / "downloaded" / assignment / "archive"
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(archive, dest / Path(archive).name)
+    before = {p.name for p in course.submitted.iterdir()} if course.submitted.is_dir() else set()
+    cmd = [sys.executable, "-m", "nbgrader", "zip_collect", assignment, "--force",
+           f"--FileNameCollectorPlugin.named_regexp={regexp}"]
+    out = subprocess.run(cmd, cwd=course.root, capture_output=True, text=True, check=False)
+    if verbose or out.returncode != 0:
+        print(out.stdout + out.stderr, file=sys.stderr)
+    if out.returncode != 0:
+        raise SystemExit(f"zip_collect failed for {archive}")
+    after = {p.name for p in course.submitted.iterdir()} if course.submitted.is_dir() else set()
+    imported = sorted(p.name for p in course.submitted.iterdir()
+                      if (p / assignment).is_dir()) if course.submitted.is_dir() else []
+    for s in imported:
+        print(f"{s}/{assignment}: imported{'' if s in after - before else ' (replaced)'}")
+    return imported
+
+
+# --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 
@@ -937,6 +972,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("assignments", nargs="*")
     p.add_argument("--student", action="append")
     sub.add_parser("export", help="write grades.csv from the gradebook")
+    sub.add_parser("report", help="write the class report to reports/")
+    p = sub.add_parser("collect", help="import a zip of submissions from a learning-management system")
+    p.add_argument("assignment")
+    p.add_argument("archive", type=Path)
     args = parser.parse_args(argv)
     course = Course(Path(args.root).resolve())
     if not (course.root / "nbgrader_config.py").exists():
@@ -960,6 +999,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.cmd == "export":
         export_grades(course)
+        return 0
+    if args.cmd == "report":
+        from handson import report
+
+        for path in report.write(course):
+            print(path.relative_to(course.root))
+        return 0
+    if args.cmd == "collect":
+        collect_zip(course, args.assignment, args.archive.resolve(), verbose=args.verbose)
         return 0
     return 2
 

@@ -324,3 +324,15 @@ def test_feedback_shows_diagnoses_but_no_hidden_tests(hostile):
         assert not leaked, f"{student}: hidden test code in the feedback: {leaked[:2]}"
     assert "rows of weights must sum to 1" in html["edited-tests"]
     assert "test machinery was altered" in html["patch-allclose"]
+
+
+def test_class_report_names_what_the_class_got_wrong(hostile):
+    from handson import report
+
+    course, res, *_ = hostile
+    paths = report.write(grading.Course(course))
+    md = (course / "reports" / "report.md").read_text()
+    assert (course / "reports" / f"{A}.png").stat().st_size > 5000
+    assert "| test_sdpa_shapes |" in md
+    assert "rows of weights must sum to N" in md  # the softmax-over-queries bug, folded numbers
+    assert any(p.suffix == ".html" for p in paths)

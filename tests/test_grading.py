@@ -1,0 +1,83 @@
+"""Fast unit tests of the grading pipeline's pieces (no kernel is started)."""
+
+from __future__ import annotations
+
+import nbformat
+import pytest
+
+from handson import grading, integrity, report
+from support import ROOT, assignments, release, solution_cells, submission
+
+
+def test_static_scan_flags_reaching_into_the_test_machinery():
+    found = integrity.scan_source(
+        "import torch\ntorch.allclose = lambda *a, **k: True\nimport builtins\n"
+        "setattr(torch, 'equal', None)\nopen('../../gradebook.db')\n")
+    text = " ".join(found)
+    for needle in ("assigns to torch.allclose", "imports builtins", "calls setattr()",
+                   "file or system access via open()", "gradebook"):
+        assert needle in text, found
+
+
+@pytest.mark.parametrize("assignment", assignments())
+def test_static_scan_is_quiet_on_the_solutions(assignment):
+    found = integrity.scan_notebook(submission(assignment, solution_cells(assignment)))
+    assert found == [], f"the solution of {assignment} looks suspicious: {found}"
+
+
+def test_probe_fingerprints_are_stable_in_a_clean_interpreter():
+    ref = integrity.reference_fingerprints()
+    assert "torch:allclose" in ref and "handson.checks:check_close" in ref
+    assert integrity.compare(ref, ref) == []
+    altered = dict(ref, **{"torch:allclose": "code:foreign:<cell>"})
+    assert integrity.compare(altered, ref) == ["torch.allclose"]
+
+
+def test_repair_restores_deleted_and_stripped_cells():
+    a = assignments()[0]
+    rel = release(a)
+    nb = submission(a, solution_cells(a))
+    test_ids = [c.metadata["nbgrader"]["grade_id"] for c in nb.cells
+                if c.metadata.get("nbgrader", {}).get("grade")]
+    nb.cells = [c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") != test_ids[0]]
+    for c in nb.cells:
+        if c.metadata.get("nbgrader", {}).get("solution"):
+            c.metadata.pop("nbgrader")
+    fixed, notes = grading.repair_notebook(nb, rel)
+    ids = [c.metadata.get("nbgrader", {}).get("grade_id") for c in fixed.cells]
+    assert [i for i in ids if i] == [c.metadata["nbgrader"]["grade_id"] for c in rel.cells
+                                     if "nbgrader" in c.metadata]
+    assert any("was missing and was restored" in n for n in notes)
+    assert any("restored by position" in n for n in notes)
+    nbformat.validate(fixed)
+
+
+def test_load_submission_refuses_what_it_cannot_grade(tmp_path):
+    a = assignments()[0]
+    rel = release(a)
+    name = f"{a}.ipynb"
+    assert grading.load_submission(tmp_path, name, rel)[0] is None  # nothing submitted
+    (tmp_path / name).write_text("")
+    assert "is empty" in grading.load_submission(tmp_path, name, rel)[1][-1]
+    (tmp_path / name).write_text("{]")
+    assert "not a valid notebook" in grading.load_submission(tmp_path, name, rel)[1][-1]
+    nbformat.write(submission(a), str(tmp_path / name))
+    nb, notes = grading.load_submission(tmp_path, name, rel)
+    assert nb is not None and notes == []
+
+
+def test_student_ids_are_validated():
+    assert grading.STUDENT_ID.match("alice.smith@uni")
+    for bad in ("../etc", ".hidden", "a b", "x" * 80, ""):
+        assert not grading.STUDENT_ID.match(bad)
+
+
+def test_report_folds_numbers_so_mistakes_group():
+    a = report.fold("AssertionError: out differs from the reference by up to 0.387: hint")
+    b = report.fold("AssertionError: out differs from the reference by up to 1.2e-3: hint")
+    assert a == b and "N" in a
+    assert report.fold("") == "(no message)"
+
+
+def test_sandbox_probe_reports_a_level():
+    assert grading.probe_isolation(grading.Course(ROOT)) in ("namespace+user", "userns", "user", "none")
