@@ -20,7 +20,8 @@ import nbformat
 if TYPE_CHECKING:
     from handson.grading import Course
 
-_NUMBER = re.compile(r"(?<![A-Za-z_])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+_FLOAT = re.compile(r"(?<![\w.])[-+]?(?:\d+\.\d+(?:e[-+]?\d+)?|\d+e[-+]?\d+)")
+_TUPLE = re.compile(r"\((?:\s*-?\d+\s*,)+\s*-?\d+\s*\)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -42,9 +43,9 @@ class AssignmentStats:
 
 
 def fold(message: str) -> str:
-    """A failure message with its numbers replaced by N, on one line."""
+    """A failure message on one line, with measured values (floats, index tuples) folded."""
     text = _ANSI.sub("", message).strip().splitlines()[0] if message.strip() else "(no message)"
-    return _NUMBER.sub("N", text)[:240]
+    return _FLOAT.sub("N", _TUPLE.sub("(…)", text))[:240]
 
 
 def _messages(nb_path: Path) -> dict[str, str]:

@@ -334,5 +334,5 @@ def test_class_report_names_what_the_class_got_wrong(hostile):
     md = (course / "reports" / "report.md").read_text()
     assert (course / "reports" / f"{A}.png").stat().st_size > 5000
     assert "| test_sdpa_shapes |" in md
-    assert "rows of weights must sum to N" in md  # the softmax-over-queries bug, folded numbers
+    assert "rows of weights must sum to 1 but row (…) sums to N" in md  # softmax over queries, folded
     assert any(p.suffix == ".html" for p in paths)
