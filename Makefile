@@ -61,6 +61,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg book
 	$(VENV)/bin/jupyter-book build . --all -W -n --keep-going
+	@if grep -rlE "BEGIN SOLUTION|BEGIN HIDDEN TESTS" _build/html; then \
+		echo "the book publishes solutions or hidden tests (files above)"; exit 1; fi
 	@echo "make test: all checks passed"
 
 clean:
