@@ -380,7 +380,10 @@ def check_matches_torch_mha(
         empty = ~allowed.any(-1, keepdim=True)
         ref_attn_mask = (~(allowed | empty)).reshape(B * n_head, L, S)
     ref_out_raw, ref_w = _mha_forward_zeroing(ref, x2, kv, ref_attn_mask, allowed, n_head)
-    want_w = ref_w if weights is not None and weights.dim() == 4 else ref_w.mean(1)
+    if n_head == 1 and isinstance(weights, Tensor) and weights.dim() == 3:
+        want_w = ref_w[:, 0]  # one head: (B, L, S) is accepted as well
+    else:
+        want_w = ref_w
     check_shape(out, ref_out_raw.shape, "out")
     check_shape(weights, want_w.shape, "weights",
                 hint="weights are per head, shaped (batch, n_head, queries, keys)")
