@@ -403,12 +403,14 @@ def check_matches_torch_mha(
     expected = {"x": x2.grad} if c2 is None else {"x": x2.grad, "context": c2.grad}
     check_grads_close(inputs, expected, atol=atol, rtol=rtol)
     d = module.q.in_features
-    g = ref.in_proj_weight.grad
+    g, gb = ref.in_proj_weight.grad, ref.in_proj_bias.grad
     check_grads_close(
         {"q.weight": module.q.weight, "k.weight": module.k.weight, "v.weight": module.v.weight,
-         "o.weight": module.o.weight},
+         "o.weight": module.o.weight, "q.bias": module.q.bias, "k.bias": module.k.bias,
+         "v.bias": module.v.bias, "o.bias": module.o.bias},
         {"q.weight": g[:d], "k.weight": g[d:2 * d], "v.weight": g[2 * d:],
-         "o.weight": ref.out_proj.weight.grad},
+         "o.weight": ref.out_proj.weight.grad, "q.bias": gb[:d], "k.bias": gb[d:2 * d],
+         "v.bias": gb[2 * d:], "o.bias": ref.out_proj.bias.grad},
         atol=atol, rtol=rtol,
     )
 
