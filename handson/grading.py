@@ -808,13 +808,23 @@ def autograde(course: Course, students: Sequence[str] | None = None,
                                     initializer=_worker_init, initargs=(reference,)) as pool:
             futures = {pool.submit(grade_submission, course, s, a, **kwargs): (s, a, d)
                        for s, a, d in pending}
+            retry: list[tuple[str, str, str]] = []
             for fut in cf.as_completed(futures):
                 s, a, d = futures[fut]
                 try:
                     r = fut.result()
                 except Exception as exc:  # noqa: BLE001 -- a crashed worker loses one submission
                     r = Result(s, a, "error", notes=[f"{type(exc).__name__}: {exc}"])
+                if r.status == "error":
+                    retry.append((s, a, d))  # e.g. the gradebook was locked by another worker
+                    continue
                 _done(s, a, d, r)
+        for s, a, d in retry:  # once more, alone
+            try:
+                r = grade_submission(course, s, a, **kwargs)
+            except Exception as exc:  # noqa: BLE001
+                r = Result(s, a, "error", notes=[f"{type(exc).__name__}: {exc}"])
+            _done(s, a, d, r)
     if export and course.gradebook.exists():
         export_grades(course)
     return results
