@@ -115,7 +115,9 @@ def _isolate_mounts(hide: list[str], keep: list[str]) -> None:
             _mount(k, dst, None, MS_BIND | MS_REC)
             staged.append((k, dst))
     for h in hide:
-        _mount("tmpfs", h, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64m")
+        # /tmp stays a place anyone may write (private to this kernel); the rest are read-only
+        mode = "1777" if h == "/tmp" else "0755"
+        _mount("tmpfs", h, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode},size=256m")
     for k, dst in staged:
         os.makedirs(k, mode=0o755, exist_ok=True)
         _mount(dst, k, None, MS_BIND | MS_REC)
@@ -213,6 +215,10 @@ def prepare(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
         os.makedirs(env[var], exist_ok=True)
     env["HOME"] = work
     env["PWD"] = work
+    env["TMPDIR"] = work
+    # torch keeps compile caches under /tmp/torchinductor_<user>: keep them in the working dir
+    env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(work, ".torchinductor")
+    env["TRITON_CACHE_DIR"] = os.path.join(work, ".triton")
     if is_root and level in ("namespace+user", "user"):
         uid, gid = int(cfg["uid"]), int(cfg["gid"])
         for root, dirs, names in os.walk(work):
@@ -221,6 +227,7 @@ def prepare(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
         os.chown(work, uid, gid)
         os.chmod(work, 0o700)
         resource.setrlimit(resource.RLIMIT_NPROC, (int(cfg["nproc"]), int(cfg["nproc"])))
+        env["USER"] = env["LOGNAME"] = "nobody"
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)
