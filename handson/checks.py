@@ -46,6 +46,44 @@ def _fmt_shape(shape: Sequence[int] | torch.Size) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
 
 
+#: PyTorch error texts and what they usually mean in attention code.
+_RUNTIME_DIAGNOSES = [
+    ("view size is not compatible", "view() was called on a non-contiguous tensor (after a "
+     "transpose): call .contiguous() first, or use reshape()"),
+    ("doesn't match the broadcast shape", "an in-place operation (such as mask &= ... or "
+     "masked_fill_) tried to write a broadcast result into a smaller tensor: use the out-of-place form"),
+    ("modified by an inplace operation", "a tensor saved for the gradient was modified in place "
+     "(for example masked_fill_ on the softmax output): use the out-of-place version"),
+    ("leaf Variable", "an input that requires grad was modified in place: never write into the "
+     "caller's tensors"),
+    ("expected scalar type", "float32 and float64 tensors were mixed: a constant, mask or cast "
+     "changed the dtype -- create everything with dtype=x.dtype"),
+    ("same dtype", "float32 and float64 tensors were mixed: a constant, mask or cast changed the "
+     "dtype -- create everything with dtype=x.dtype"),
+    ("not on the expected device", "a tensor was created on another device: create masks and "
+     "constants with device=x.device"),
+    ("must match the size of tensor", "two tensors' shapes do not broadcast: check the order of "
+     "the dimensions (split heads with view then transpose) and the mask's shape"),
+    ("shapes cannot be multiplied", "a matrix product got incompatible shapes: check which "
+     "dimensions are transposed (k.transpose(-2, -1)) and the projections' sizes"),
+    ("is invalid for input of size", "a view/reshape asked for a shape with a different number of "
+     "elements: check the head split (n_head * head_dim == d_model)"),
+]
+
+
+def _call_learner(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call the learner's code, turning PyTorch's common RuntimeErrors into diagnoses."""
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as exc:
+        text = str(exc)
+        for needle, diagnosis in _RUNTIME_DIAGNOSES:
+            if needle in text:
+                first = text.strip().splitlines()[0][:160] if text.strip() else ""
+                raise AssertionError(f"{diagnosis} (PyTorch said: {first})") from None
+        raise
+
+
 def check_shape(t: Any, expected: Sequence[int], name: str = "output", hint: str = "") -> None:
     """Assert that ``t`` is a tensor of exactly ``expected`` shape."""
     if not isinstance(t, Tensor):
@@ -206,7 +244,7 @@ def check_not_mutated(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     named = [(f"argument {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
     tensors = [(n, t) for n, t in named if isinstance(t, Tensor)]
     before = [(n, t, t.detach().clone(), t._version) for n, t in tensors]
-    result = fn(*args, **kwargs)
+    result = _call_learner(fn, *args, **kwargs)
     for n, t, copy, version in before:
         changed_values = not torch.equal(t.detach(), copy) if t.device.type != "meta" else False
         if changed_values or t._version != version:
@@ -361,11 +399,11 @@ def check_matches_torch_mha(
         c1 = context.detach().clone().requires_grad_()
         c2 = context.detach().clone().requires_grad_()
     if call is not None:
-        result = call(module, x1, c1)
+        result = _call_learner(call, module, x1, c1)
     elif context is None:
-        result = module(x1, attn_mask=attn_mask)
+        result = _call_learner(module, x1, attn_mask=attn_mask)
     else:
-        result = module(x1, c1, attn_mask=attn_mask)
+        result = _call_learner(module, x1, c1, attn_mask=attn_mask)
     if not (isinstance(result, tuple) and len(result) == 2):
         raise AssertionError("the module should return a pair (out, weights).")
     out, weights = result
@@ -445,7 +483,7 @@ def check_no_future_leakage(fn: Callable[[Tensor], Any], x: Tensor, name: str = 
     the gradient of ``out[:, t]`` must be zero at every later input position.
     """
     def run(inp: Tensor) -> Tensor:
-        res = fn(inp)
+        res = _call_learner(fn, inp)
         return res[0] if isinstance(res, tuple) else res
 
     base = run(x.detach()).detach()

@@ -44,7 +44,7 @@ WATCHED = [
     "builtins:zip", "builtins:dict", "builtins:list", "builtins:str", "builtins:max", "builtins:min",
     "builtins:__import__", "builtins:repr",
 ]
-#: Modules whose every public function is watched.
+#: Modules whose every function (public or private) is watched.
 WATCHED_MODULES = ["handson.checks"]
 
 PROBE_SOURCE = r'''
@@ -88,7 +88,9 @@ def __handson_probe(watched, modules):
         m = _s.modules.get(mod)
         if m is None:
             continue
-        for name in sorted(getattr(m, "__all__", [])):
+        names = set(getattr(m, "__all__", [])) | {n for n, o in list(vars(m).items())
+                                                   if not n.startswith("__") and callable(o)}
+        for name in sorted(names):
             try:
                 out[mod + ":" + name] = fp(getattr(m, name), True)
             except Exception as e:

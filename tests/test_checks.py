@@ -170,3 +170,18 @@ def test_no_future_leakage():
     checks.check_no_future_leakage(_MHA(8, 2, causal=True).double(), x)
     with pytest.raises(AssertionError, match="future tokens leak"):
         checks.check_no_future_leakage(_MHA(8, 2).double(), x)
+
+
+def test_runtime_errors_from_learner_code_get_a_diagnosis():
+    def merge_with_view(q, k, v, attn_mask=None):
+        out, w = good_attention(q, k, v, attn_mask)
+        return out.transpose(-2, -1).view(-1), w
+
+    with pytest.raises(AssertionError, match=r"contiguous\(\).*PyTorch said"):
+        checks.check_matches_reference(merge_with_view, checks.sdpa_reference, qkv(2, 4, 3))
+
+    def mixes_dtypes(q, k, v, attn_mask=None):
+        return good_attention(q, k.float(), v, attn_mask)
+
+    with pytest.raises(AssertionError, match="dtype=x.dtype"):
+        checks.check_matches_reference(mixes_dtypes, checks.sdpa_reference, qkv(2, 4, 3))

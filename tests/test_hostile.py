@@ -104,6 +104,10 @@ def _hostile_notebooks(course: Path) -> dict[str, object]:
     buggy["sdpa"] += ("\nimport builtins\n_real = builtins.isinstance\n"
                       "builtins.isinstance = lambda o, t: True if t is AssertionError else _real(o, t)\n")
     subs["patch-builtins"] = submission(A, buggy)
+    buggy = _buggy()
+    buggy["sdpa"] += ("\nimport handson.checks as _c\n"
+                      "_c._call_learner = lambda fn, *a, **k: fn(*a, **k)  # a private helper\n")
+    subs["patch-private-helper"] = submission(A, buggy)
 
     targets = {
         "solution": course / "solutions" / A / f"{A}.ipynb",
@@ -249,7 +253,7 @@ def test_memory_hog_is_stopped(hostile):
 
 
 @pytest.mark.parametrize("student", ["patch-allclose", "patch-checks", "patch-assert-close",
-                                     "patch-builtins"])
+                                     "patch-builtins", "patch-private-helper"])
 def test_tampering_earns_nothing_and_is_reported(hostile, student):
     course, res, *_ = hostile
     r = res[student]
