@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -170,11 +170,3 @@ def write(course: Course, out_dir: Path | None = None, top: int = 3) -> list[Pat
         + "\n".join(body) + "</body></html>\n")
     return [md_path, html_path] + written
 
-
-def by_student(stats: list[AssignmentStats]) -> dict[str, dict[str, float]]:
-    """student -> assignment -> score (handy for quick looks in a notebook)."""
-    out: dict[str, dict[str, float]] = defaultdict(dict)
-    for a in stats:
-        for s, score in a.scores.items():
-            out[s][a.name] = score
-    return dict(out)

@@ -30,8 +30,6 @@ import ctypes
 import json
 import os
 import resource
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -233,8 +231,6 @@ def prepare(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
         os.setuid(uid)
         if os.getuid() == 0:
             raise SystemExit("handson.sandbox: could not drop root privileges")
-    elif level == "none" and not is_root:
-        level = "none"
     try:
         _libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     except (AttributeError, OSError):

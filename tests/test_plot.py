@@ -55,5 +55,7 @@ def test_grid_and_mask_effect():
     assert len([a for a in fig.axes if a.images]) == 3
 
 
-def test_meta_and_device_tensors_are_converted():
+def test_to_numpy_converts_bool_and_grad_tensors():
     assert plot.to_numpy(torch.ones(2, 2, dtype=torch.bool)).dtype == float
+    t = torch.ones(2, 2, requires_grad=True) * 2
+    assert plot.to_numpy(t).tolist() == [[2.0, 2.0], [2.0, 2.0]]
