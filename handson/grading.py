@@ -37,8 +37,6 @@ import nbformat
 
 from handson import integrity
 
-log = logging.getLogger("handson.grading")
-
 # nbgrader runs `alembic` from PATH when it creates a gradebook: make this environment's tools visible.
 _BIN = os.path.dirname(sys.executable)
 if _BIN not in os.environ.get("PATH", "").split(os.pathsep):
@@ -105,7 +103,7 @@ class Course:
         return sorted((self.exercises / assignment).glob("*.ipynb"))
 
 
-def nbgrader_config(course: Course, root: Path | None = None, **overrides: Any):
+def nbgrader_config(course: Course, root: Path | None = None):
     """The course's nbgrader configuration, with ``root`` (default: the course) as course dir."""
     from traitlets.config import Config
     from traitlets.config.loader import PyFileConfigLoader
@@ -119,9 +117,6 @@ def nbgrader_config(course: Course, root: Path | None = None, **overrides: Any):
     cfg.CourseDirectory.db_url = course.db_url
     cfg.CourseDirectory.source_directory = "solutions"
     cfg.CourseDirectory.release_directory = "exercises"
-    for dotted, value in overrides.items():
-        section, name = dotted.split(".")
-        setattr(cfg[section], name, value)
     return cfg
 
 
@@ -180,11 +175,8 @@ def generate_releases(course: Course, assignments: Sequence[str] | None = None,
     from nbgrader.converters import GenerateAssignment
 
     results: dict[str, bool] = {}
-    overrides = {}
-    if release_dir is not None:
-        overrides["CourseDirectory.release_directory"] = str(release_dir)
     for a in assignments or course.assignments():
-        cfg = nbgrader_config(course, **overrides)
+        cfg = nbgrader_config(course)
         if release_dir is not None:
             cfg.CourseDirectory.release_directory = str(release_dir)
         with _cwd(course.root), _quiet_nbgrader(verbose) as lines:
@@ -430,9 +422,10 @@ def _execute_class():
             resources["handson"]["dead"] = self._dead_reason
             return nb, resources
 
-        def _fail(self, cell, ename: str, evalue: str) -> None:
-            cell.outputs.append(NotebookNode(output_type="error", ename=ename, evalue=evalue,
-                                             traceback=[f"{ename}: {evalue}"]))
+        def _fail(self, cell, ename: str, evalue: str, first: bool = False) -> None:
+            err = NotebookNode(output_type="error", ename=ename, evalue=evalue,
+                               traceback=[f"{ename}: {evalue}"])
+            cell.outputs.insert(0 if first else len(cell.outputs), err)
 
         def preprocess_cell(self, cell, resources, index):
             if cell.cell_type != "code":
@@ -457,8 +450,20 @@ def _execute_class():
                 return cell, resources
             finally:
                 self.timeout = old_timeout
-            if cell.metadata.get("nbgrader", {}).get("grade") and not self._dead_reason:
-                self._probe(cell)
+            meta = cell.metadata.get("nbgrader", {})
+            if meta.get("grade") and not meta.get("solution"):
+                # nbgrader reads a number shown by a test cell as partial credit, before it looks
+                # for errors: a test cell's value is shown, never scored.
+                # Likewise it fails any test cell that wrote to stderr: a harmless warning from
+                # the learner's code must not cost the points (failures are errors here).
+                for out in cell.outputs:
+                    if out.get("output_type") == "execute_result":
+                        out["output_type"] = "display_data"
+                        out.pop("execution_count", None)
+                    elif out.get("output_type") == "stream" and out.get("name") == "stderr":
+                        out["name"] = "stdout"
+                if not self._dead_reason:
+                    self._probe(cell)
             return cell, resources
 
         def _probe(self, cell) -> None:
@@ -470,9 +475,9 @@ def _execute_class():
             if found:
                 gid = cell.metadata["nbgrader"].get("grade_id", "?")
                 self._tamper.append(f"{gid}: " + "; ".join(found))
-                self._fail(cell, "TamperingDetected",
+                self._fail(cell, "TamperingDetected", first=True, evalue=(
                            "the test machinery was altered (" + "; ".join(found) + "); this test "
-                           "scores 0")
+                           "scores 0"))
 
         def output(self, outs, msg, display_id, cell_index):
             size = len(json.dumps(msg.get("content", {}), default=str))
@@ -482,7 +487,7 @@ def _execute_class():
                 return super().output(outs, msg, display_id, cell_index)
             if used > self.max_cell_output:
                 if used - size <= self.max_cell_output:
-                    outs.append(NotebookNode(output_type="stream", name="stderr",
+                    outs.append(NotebookNode(output_type="stream", name="stdout",
                                              text=f"\n[output truncated: over {self.max_cell_output} "
                                                   "bytes]\n"))
                 return None
@@ -526,28 +531,6 @@ def _gradebook_scores(course: Course, assignment: str, student: str) -> tuple[fl
     with Gradebook(course.db_url) as gb:
         sub = gb.find_submission(assignment, student)
         return float(sub.score), float(sub.max_score)
-
-
-def _zero_tampered(course: Course, assignment: str, student: str, notebook: str,
-                   tampered_cells: dict[str, str]) -> None:
-    """Score the named test cells 0 and say why in a comment."""
-    from nbgrader.api import Gradebook, MissingEntry
-
-    with Gradebook(course.db_url) as gb:
-        for gid, why in tampered_cells.items():
-            try:
-                grade = gb.find_grade(gid, notebook, assignment, student)
-            except MissingEntry:
-                continue
-            grade.auto_score = 0
-            grade.manual_score = None
-            grade.needs_manual_grade = False
-            try:
-                comment = gb.find_comment(gid, notebook, assignment, student)
-                comment.manual_comment = f"Tampering detected: {why}. This test scores 0."
-            except MissingEntry:
-                pass
-        gb.db.commit()
 
 
 def grade_submission(course: Course, student: str, assignment: str, timeout: float = 60,
@@ -597,8 +580,6 @@ def grade_submission(course: Course, student: str, assignment: str, timeout: flo
         cfg.CourseDirectory.source_directory = "no-source"  # nothing to copy into the run
         cfg.Execute.kernel_name = KERNEL_NAME
         cfg.Execute.timeout = int(timeout)
-        cfg.SandboxedExecute.kernel_name = KERNEL_NAME
-        cfg.SandboxedExecute.timeout = int(timeout)
         cfg.SandboxedExecute.notebook_timeout = float(notebook_timeout)
         sandboxed = _execute_class()
         pre = [sandboxed if p is Execute else p
@@ -640,9 +621,7 @@ def grade_submission(course: Course, student: str, assignment: str, timeout: flo
         if res.status != "error":
             if static:
                 res.notes.append("suspicious code: " + "; ".join(static))
-            if tamper:
-                for rel_path in releases:
-                    _zero_tampered(course, assignment, student, rel_path.stem, tamper)
+            if tamper:  # each such cell carries a TamperingDetected error, so it scored 0
                 res.notes.append("tampering detected in " + ", ".join(sorted(tamper)) + ": scored 0")
             out_dir = course.autograded / student / assignment
             src_dir = tmp / "autograded" / student / assignment

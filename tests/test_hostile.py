@@ -88,6 +88,10 @@ def _hostile_notebooks(course: Path) -> dict[str, object]:
     subs["os-exit"] = submission(A, _answers({"self_attention": "import os\nos._exit(0)"}))
     subs["kernel-crash"] = submission(A, _answers({"self_attention": "import ctypes\nctypes.string_at(0)"}))
     subs["output-flood"] = submission(A, _answers(sdpa="for _ in range(300):\n    print('x' * 100_000)"))
+    warns = solution_cells(A)  # a correct answer whose function warns each time it is called
+    warns["sdpa"] = warns["sdpa"].replace('    """\n', '    """\n    import warnings\n'
+                                          '    warnings.warn("a harmless warning", UserWarning)\n', 1)
+    subs["harmless-warning"] = submission(A, warns)
     subs["memory-hog"] = submission(A, _answers(sdpa="hog = bytearray(64 * 2**30)"))
 
     buggy = _buggy()
@@ -97,6 +101,10 @@ def _hostile_notebooks(course: Path) -> dict[str, object]:
     buggy["sdpa"] += ("\nimport handson.checks as _c\nfor _n in _c.__all__:\n"
                       "    setattr(_c, _n, lambda *a, **k: (lambda *b, **c: None))\n")
     subs["patch-checks"] = submission(A, buggy)
+    buggy = _buggy()
+    buggy["sdpa"] += ("\nimport handson.checks as _c\nfor _n in _c.__all__:\n"
+                      "    setattr(_c, _n, lambda *a, **k: 100.0)  # a number reads as partial credit\n")
+    subs["patch-checks-partial-credit"] = submission(A, buggy)
     buggy = _buggy()
     buggy["sdpa"] += "\nimport torch.testing\ntorch.testing.assert_close = lambda *a, **k: None\n"
     subs["patch-assert-close"] = submission(A, buggy)
@@ -244,6 +252,11 @@ def test_output_flood_is_bounded(hostile):
     assert size < 2_000_000, f"the autograded notebook keeps {size} bytes of output"
 
 
+def test_a_harmless_warning_costs_nothing(hostile):
+    course, res, *_ = hostile
+    assert _full(res["harmless-warning"]), res["harmless-warning"].line()
+
+
 def test_memory_hog_is_stopped(hostile):
     course, res, *_ = hostile
     r = res["memory-hog"]
@@ -252,7 +265,8 @@ def test_memory_hog_is_stopped(hostile):
     assert "MemoryError" in json.dumps([c.get("outputs") for c in nb.cells])
 
 
-@pytest.mark.parametrize("student", ["patch-allclose", "patch-checks", "patch-assert-close",
+@pytest.mark.parametrize("student", ["patch-allclose", "patch-checks", "patch-checks-partial-credit",
+                                     "patch-assert-close",
                                      "patch-builtins", "patch-private-helper"])
 def test_tampering_earns_nothing_and_is_reported(hostile, student):
     course, res, *_ = hostile
