@@ -16,10 +16,67 @@ from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-__all__ = ["to_numpy", "heatmap", "mask_heatmap", "heatmap_grid", "mask_effect"]
+__all__ = ["setup", "to_numpy", "heatmap", "mask_heatmap", "heatmap_grid", "mask_effect",
+           "BLOCKED", "ALLOWED"]
 
-#: Two colours for boolean masks: blocked (False) is light grey, allowed (True) is dark blue.
-MASK_CMAP = ListedColormap(["#e8e8e8", "#1f4e79"])
+#: One meaning per colour in every figure of the book. Weights use ``viridis`` (0 dark, 1 yellow);
+#: a pair that a mask blocks is drawn in BLOCKED grey with a hatch, in mask panels and weight
+#: panels alike, so an exactly-zero masked weight never looks like a small weight. Allowed pairs of
+#: a mask panel are ALLOWED (white): "any weight may go here".
+BLOCKED = "#c8c8c8"
+ALLOWED = "#ffffff"
+_HATCH = "////"
+_HATCH_COLOR = "#8c8c8c"
+MASK_CMAP = ListedColormap([BLOCKED, ALLOWED])
+
+#: Sizes chosen to stay legible when the book shows a figure at its column width.
+STYLE = {
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "xtick.labelsize": 9,
+    "ytick.labelsize": 9,
+    "legend.fontsize": 9,
+    "figure.titlesize": 12,
+}
+
+
+def setup(formats: Sequence[str] = ("retina",)) -> None:
+    """Style of the book's figures: legible fonts and sharp (2x) PNGs in notebooks.
+
+    Call once at the top of a notebook. Outside IPython only the matplotlib style is set.
+    """
+    plt.rcParams.update(STYLE)
+    try:
+        from IPython import get_ipython
+        from matplotlib_inline.backend_inline import set_matplotlib_formats
+    except ImportError:  # pragma: no cover - plain Python
+        return
+    if get_ipython() is not None:
+        set_matplotlib_formats(*formats)
+
+
+def _broadcast_mask(mask: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    if mask is None:
+        return None
+    m = mask.detach().cpu().numpy() if hasattr(mask, "detach") else np.asarray(mask)
+    if m.dtype != bool:
+        raise ValueError(f"mask must be boolean (True = may attend), got {m.dtype}")
+    return np.broadcast_to(m, shape)
+
+
+def _hatch_blocked(ax: Axes, allowed: np.ndarray) -> None:
+    """Grey, hatched cells where ``allowed`` is False (the book's "blocked" style)."""
+    from matplotlib.patches import Rectangle
+
+    for i, j in zip(*np.nonzero(~allowed)):
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=BLOCKED, edgecolor=_HATCH_COLOR,
+                               hatch=_HATCH, linewidth=0))
+
+
+def _text_color(val: float, lo: float, hi: float) -> str:
+    """Black on the light half of viridis, white on the dark half."""
+    return "black" if val > (lo + hi) / 2 else "white"
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -69,28 +126,36 @@ def heatmap(
     colorbar: bool = True,
     xlabel: str = "key",
     ylabel: str = "query",
+    mask: Any = None,
 ) -> Axes:
     """Draw a (queries x keys) matrix of attention weights.
 
     ``annotate`` writes each value in its cell (default: only for matrices up to 12 x 12).
     Set ``vmin``/``vmax`` to None to scale colours to the data (e.g. raw scores).
+    ``mask`` (bool, True = may attend, broadcastable to the matrix) draws the blocked cells in the
+    book's hatched grey, without a number, so that they cannot be mistaken for small weights.
     """
     data = to_numpy(weights)
+    allowed = _broadcast_mask(mask, data.shape)
     if ax is None:
-        _, ax = plt.subplots(figsize=(0.55 * data.shape[1] + 2.2, 0.5 * data.shape[0] + 1.6))
+        _, ax = plt.subplots(figsize=(0.6 * data.shape[1] + 2.4, 0.55 * data.shape[0] + 1.7),
+                             layout="constrained")
     im = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, aspect="equal")
     _labels(ax, row_labels, col_labels, xlabel, ylabel, *data.shape)
+    if allowed is not None:
+        _hatch_blocked(ax, allowed)
     if annotate is None:
         annotate = max(data.shape) <= 12
     if annotate:
         lo = np.nanmin(data) if vmin is None else vmin
         hi = np.nanmax(data) if vmax is None else vmax
-        mid = (lo + hi) / 2
         for i in range(data.shape[0]):
             for j in range(data.shape[1]):
+                if allowed is not None and not allowed[i, j]:
+                    continue
                 val = data[i, j]
-                ax.text(j, i, f"{val:.2f}", ha="center", va="center", fontsize=7,
-                        color="black" if val > mid else "white")
+                ax.text(j, i, f"{val:.2f}", ha="center", va="center", fontsize=8,
+                        color=_text_color(val, lo, hi))
     if title:
         ax.set_title(title)
     if colorbar:
@@ -107,17 +172,19 @@ def mask_heatmap(
     xlabel: str = "key",
     ylabel: str = "query",
 ) -> Axes:
-    """Draw a boolean mask: dark cells may attend (True), light cells are blocked (False)."""
+    """Draw a boolean mask: white cells may attend (True), hatched grey cells are blocked (False)."""
     data = to_numpy(mask)
+    allowed = data.astype(bool)
     if ax is None:
-        _, ax = plt.subplots(figsize=(0.55 * data.shape[1] + 1.6, 0.5 * data.shape[0] + 1.6))
+        _, ax = plt.subplots(figsize=(0.6 * data.shape[1] + 1.7, 0.55 * data.shape[0] + 1.7),
+                             layout="constrained")
     ax.imshow(data, cmap=MASK_CMAP, vmin=0, vmax=1, aspect="equal")
+    _hatch_blocked(ax, allowed)
+    ax.set_xticks(np.arange(-0.5, data.shape[1], 1), minor=True)
+    ax.set_yticks(np.arange(-0.5, data.shape[0], 1), minor=True)
+    ax.grid(which="minor", color="#b0b0b0", linewidth=0.6)
+    ax.tick_params(which="minor", length=0)
     _labels(ax, row_labels, col_labels, xlabel, ylabel, *data.shape)
-    if max(data.shape) <= 16:
-        for i in range(data.shape[0]):
-            for j in range(data.shape[1]):
-                ax.text(j, i, "T" if data[i, j] else "F", ha="center", va="center", fontsize=7,
-                        color="white" if data[i, j] else "#888888")
     if title:
         ax.set_title(title)
     return ax
@@ -134,10 +201,14 @@ def heatmap_grid(
     vmax: float | None = 1.0,
     suptitle: str | None = None,
     cmap: str = "viridis",
+    mask: Any = None,
+    cell: float = 0.5,
 ) -> Figure:
     """Draw a grid of heatmaps, one per leading index (e.g. per head), sharing one colour scale.
 
-    ``matrices`` is a tensor/array of shape (n, L, S) or a sequence of 2-D matrices.
+    ``matrices`` is a tensor/array of shape (n, L, S) or a sequence of 2-D matrices. ``mask``
+    (bool, True = may attend, broadcastable to (L, S)) hatches the blocked cells of every panel.
+    ``cell`` is the size of one matrix cell in inches.
     """
     mats = [to_numpy(m) for m in matrices]
     if not mats:
@@ -149,7 +220,7 @@ def heatmap_grid(
     nrows = (n + ncols - 1) // ncols
     h, w = mats[0].shape
     fig, axes = plt.subplots(nrows, ncols, squeeze=False,
-                             figsize=(ncols * (0.42 * w + 1.4), nrows * (0.42 * h + 1.3)),
+                             figsize=(ncols * (cell * w + 1.2) + 0.8, nrows * (cell * h + 1.2)),
                              layout="constrained")
     im = None
     for idx, ax in enumerate(axes.flat):
@@ -157,6 +228,9 @@ def heatmap_grid(
             ax.axis("off")
             continue
         im = ax.imshow(mats[idx], cmap=cmap, vmin=vmin, vmax=vmax, aspect="equal")
+        allowed = _broadcast_mask(mask, mats[idx].shape)
+        if allowed is not None:
+            _hatch_blocked(ax, allowed)
         first_col, last_row = idx % ncols == 0, idx // ncols == nrows - 1 or idx + ncols >= n
         _labels(ax, row_labels if first_col else None, col_labels if last_row else None,
                 "key" if last_row else "", "query" if first_col else "", *mats[idx].shape)
@@ -165,12 +239,16 @@ def heatmap_grid(
         if not last_row:
             ax.set_xticklabels([])
         if annotate:
+            lo = np.nanmin(mats[idx]) if vmin is None else vmin
+            hi = np.nanmax(mats[idx]) if vmax is None else vmax
             for i in range(mats[idx].shape[0]):
                 for j in range(mats[idx].shape[1]):
-                    ax.text(j, i, f"{mats[idx][i, j]:.2f}", ha="center", va="center", fontsize=6,
-                            color="white" if mats[idx][i, j] < 0.5 else "black")
+                    if allowed is not None and not allowed[i, j]:
+                        continue
+                    ax.text(j, i, f"{mats[idx][i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color=_text_color(mats[idx][i, j], lo, hi))
         if titles is not None:
-            ax.set_title(titles[idx], fontsize=10)
+            ax.set_title(titles[idx])
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.8)
     if suptitle:
@@ -187,14 +265,17 @@ def mask_effect(
     titles: Sequence[str] = ("mask (True = may attend)", "weights without mask",
                              "weights with mask"),
 ) -> Figure:
-    """Three panels side by side: a boolean mask, the weights before and after applying it."""
+    """Three panels side by side: a boolean mask, the weights before and after applying it.
+
+    The blocked cells are hatched grey in the mask and in the "after" panel: one meaning per colour.
+    """
     m = to_numpy(mask)
     h, w = m.shape
-    fig, axes = plt.subplots(1, 3, figsize=(3 * (0.5 * w + 1.6), 0.5 * h + 1.8),
+    fig, axes = plt.subplots(1, 3, figsize=(3 * (0.55 * w + 1.5) + 0.8, 0.55 * h + 2.0),
                              layout="constrained")
     mask_heatmap(mask, row_labels, col_labels, ax=axes[0], title=titles[0])
     heatmap(before, row_labels, col_labels, ax=axes[1], title=titles[1], colorbar=False)
-    heatmap(after, row_labels, col_labels, ax=axes[2], title=titles[2], colorbar=True)
+    heatmap(after, row_labels, col_labels, ax=axes[2], title=titles[2], colorbar=True, mask=mask)
     for ax in axes[1:]:
         ax.set_ylabel("")
     return fig

@@ -41,7 +41,18 @@ def test_mask_heatmap_shows_convention():
     ax = plot.mask_heatmap(mask)
     assert "True = may attend" in ax.get_title()
     assert np.array_equal(ax.images[0].get_array(), mask.numpy().astype(float))
-    assert [t.get_text() for t in ax.texts].count("F") == 3
+    hatched = [p for p in ax.patches if p.get_hatch()]
+    assert len(hatched) == 3  # one hatched patch per blocked cell
+
+
+def test_heatmap_hatches_masked_cells_without_numbers():
+    w = torch.softmax(torch.randn(3, 3, dtype=torch.float64), -1)
+    mask = torch.ones(3, 3, dtype=torch.bool).tril()
+    ax = plot.heatmap(w, mask=mask)
+    assert len([p for p in ax.patches if p.get_hatch()]) == 3
+    assert len(ax.texts) == 6  # numbers only in the allowed cells
+    with pytest.raises(ValueError, match="boolean"):
+        plot.heatmap(w, mask=mask.double())
 
 
 def test_grid_and_mask_effect():
@@ -53,6 +64,8 @@ def test_grid_and_mask_effect():
         plot.heatmap_grid(w, titles=["x"])
     fig = plot.mask_effect(torch.ones(3, 3, dtype=torch.bool), w[0], w[1], list("abc"), list("abc"))
     assert len([a for a in fig.axes if a.images]) == 3
+    fig = plot.heatmap_grid(w, mask=torch.ones(3, 3, dtype=torch.bool).tril(), annotate=True)
+    assert sum(len([p for p in a.patches if p.get_hatch()]) for a in fig.axes) == 5 * 3
 
 
 def test_to_numpy_converts_bool_and_grad_tensors():
