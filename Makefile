@@ -54,12 +54,13 @@ export: $(STAMP)
 	$(PY) -m handson.grading export
 
 # Everything CI runs: unit tests, the release check, the solutions, the autograder pipeline with
-# the catalog of buggy submissions, nbval over the chapters, and the book build.
+# the catalog of buggy submissions, nbval over the chapters, and the book build (which must work offline).
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 	$(PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg book
 	$(VENV)/bin/jupyter-book build . --all -W -n --keep-going
+	$(PY) tests/check_offline.py _build/html --expect-mathjax
 	@if grep -rlE "BEGIN SOLUTION|BEGIN HIDDEN TESTS" _build/html; then \
 		echo "the book publishes solutions or hidden tests (files above)"; exit 1; fi
 	@echo "make test: all checks passed"
