@@ -9,7 +9,7 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 help:
 	@echo "make book       build the book into _build/html (warnings are errors)"
-	@echo "make lab        open the exercises in JupyterLab"
+	@echo "make lab        open the exercises in JupyterLab (learner view; LAB_ARGS=... for jupyter lab)"
 	@echo "make exercises  regenerate exercises/ from solutions/ (instructors)"
 	@echo "make autograde  grade submitted/<student>/<assignment>/ and write grades.csv"
 	@echo "make feedback   write feedback HTML (no hidden tests) to feedback/"
@@ -29,8 +29,10 @@ book: $(STAMP)
 	$(VENV)/bin/jupyter-book build . --all -W -n --keep-going
 	@echo "The book: $(CURDIR)/_build/html/index.html"
 
+# The learner's JupyterLab on exercises/ (as root too, headless too); nbgrader's instructor tools are
+# off. Options for jupyter lab: make lab LAB_ARGS="--port=8899". tests/test_lab.py runs this recipe.
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab exercises/
+	$(PY) handson/_lab/launch.py $(LAB_ARGS)
 
 exercises: $(STAMP)
 	$(PY) -m handson.grading release
