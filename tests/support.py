@@ -53,6 +53,8 @@ class Bug:
     """A plausible mistake: text edits applied to one answer cell of the solution.
 
     ``expect``: test cells (grade ids) that must lose points -- the checks meant to catch it.
+    ``diagnosis``: a phrase that the first failing test's message must contain (case-insensitive),
+    so that the learner is sent to the real cause; empty when not yet pinned.
     """
 
     name: str
@@ -60,6 +62,7 @@ class Bug:
     edits: tuple[tuple[str, str], ...]
     why: str
     expect: tuple[str, ...] = field(default=())
+    diagnosis: str = ""
 
     def answers(self, assignment: str) -> dict[str, str]:
         cells = solution_cells(assignment)
@@ -76,10 +79,15 @@ class Bug:
 
 
 def bug(name: str, cell: str, edits: list[tuple[str, str]] | tuple[str, str], why: str,
-        expect: tuple[str, ...] | list[str] = ()) -> Bug:
+        expect: tuple[str, ...] | list[str] = (), diagnosis: str = "") -> Bug:
     if isinstance(edits, tuple):
         edits = [edits]
-    return Bug(name, cell, tuple(tuple(e) for e in edits), why, tuple(expect))
+    return Bug(name, cell, tuple(tuple(e) for e in edits), why, tuple(expect), diagnosis)
+
+
+def control(name: str, cell: str, edits: list[tuple[str, str]] | tuple[str, str], why: str) -> Bug:
+    """A correct answer in another style: it must keep full marks (a grader that rejects it is wrong)."""
+    return bug(name, cell, edits, why)
 
 
 def load_catalog(assignment: str) -> list[Bug]:
@@ -87,6 +95,38 @@ def load_catalog(assignment: str) -> list[Bug]:
 
     mod = importlib.import_module(f"catalog.{assignment}")
     return list(mod.BUGS)
+
+
+def load_controls(assignment: str) -> list[Bug]:
+    import importlib
+
+    mod = importlib.import_module(f"catalog.{assignment}")
+    return list(getattr(mod, "CONTROLS", []))
+
+
+def blank_cells(assignment: str) -> dict[str, str]:
+    """grade_id -> the release's answer cell (the stub a learner starts from)."""
+    out = {}
+    for c in release(assignment).cells:
+        meta = c.metadata.get("nbgrader", {})
+        if meta.get("solution"):
+            out[meta["grade_id"]] = c.source
+    return out
+
+
+def grade_in_process(assignment: str, submissions: dict[str, dict[str, str]], tmp: Path) -> dict:
+    """Grade {name: answers} with tests/inprocess.py in one fresh Python process."""
+    import json
+    import subprocess
+    import sys
+
+    path = tmp / f"{assignment}-submissions.json"
+    path.write_text(json.dumps(submissions))
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("inprocess.py")), assignment,
+                           str(path)], capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    if proc.returncode:
+        raise AssertionError(f"in-process grading of {assignment} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
 
 
 def make_course(tmp: Path, assignment_ids: list[str]) -> Path:

@@ -1,0 +1,87 @@
+"""Every grader proven on its whole catalog, in one process per assignment (tests/inprocess.py).
+
+For each assignment: the solution gets full marks and the blank release zero; every cataloged bug
+loses points, in the test cells meant to catch it, and -- where the catalog pins a diagnosis -- the
+first failing test names the real cause; every control (a correct answer in another style) keeps
+full marks. tests/test_autograde.py runs a sample of the same submissions through nbgrader end to
+end and checks that both paths give the same scores, cell for cell.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from support import (assignments, blank_cells, grade_in_process, load_catalog, load_controls,
+                     solution_cells)
+
+
+def _name(kind: str, name: str) -> str:
+    return f"{kind}-{name.replace('_', '-')}"
+
+
+@pytest.fixture(scope="module", params=assignments())
+def proven(request, tmp_path_factory):
+    a = request.param
+    bugs, controls = load_catalog(a), load_controls(a)
+    subs = {"solution": solution_cells(a), "blank": blank_cells(a)}
+    subs.update({_name("bug", b.name): b.answers(a) for b in bugs})
+    subs.update({_name("control", c.name): c.answers(a) for c in controls})
+    return a, bugs, controls, grade_in_process(a, subs, tmp_path_factory.mktemp(a))
+
+
+def _total(cells: dict) -> tuple[float, float]:
+    return sum(c["score"] for c in cells.values()), sum(c["max"] for c in cells.values())
+
+
+def _first_failure(cells: dict) -> str:
+    return next((f"{g}: {c['error']}" for g, c in cells.items() if c["error"]), "")
+
+
+def test_catalog_is_large_enough(proven):
+    a, bugs, _, _ = proven
+    assert len(bugs) >= 10, f"{a}: the catalog has {len(bugs)} bugs; at least 10 are required"
+    assert len({b.name for b in bugs}) == len(bugs), f"{a}: duplicate bug names"
+
+
+def test_solution_full_blank_zero(proven):
+    a, _, _, res = proven
+    got, full = _total(res["solution"])
+    assert got == full > 0, f"{a}: the solution scores {got}/{full}: {_first_failure(res['solution'])}"
+    assert _total(res["blank"])[0] == 0, f"{a}: the blank release scores points"
+
+
+def test_every_bug_loses_points_where_expected(proven):
+    a, bugs, _, res = proven
+    problems = []
+    for b in bugs:
+        cells = res[_name("bug", b.name)]
+        got, full = _total(cells)
+        if got >= full:
+            problems.append(f"{b.name} kept full marks ({b.why})")
+            continue
+        problems += [f"{b.name}: {g} did not catch it" for g in b.expect
+                     if cells[g]["score"] >= cells[g]["max"]]
+    assert not problems, f"{a}: " + "; ".join(problems)
+
+
+def test_diagnoses_name_the_real_cause(proven):
+    a, bugs, _, res = proven
+    wrong = []
+    for b in bugs:
+        if not b.diagnosis:
+            continue
+        first = _first_failure(res[_name("bug", b.name)])
+        if b.diagnosis.lower() not in first.lower():
+            wrong.append(f"{b.name}: expected {b.diagnosis!r} in the first failure, got {first!r}")
+    assert not wrong, f"{a}: " + "; ".join(wrong)
+
+
+def test_controls_keep_full_marks(proven):
+    a, _, controls, res = proven
+    rejected = []
+    for c in controls:
+        cells = res[_name("control", c.name)]
+        got, full = _total(cells)
+        if got < full:
+            rejected.append(f"{c.name} ({c.why}) scored {got}/{full}: {_first_failure(cells)}")
+    assert not rejected, f"{a}: correct answers rejected: " + "; ".join(rejected)
