@@ -5,7 +5,8 @@ from __future__ import annotations
 import nbformat
 import pytest
 
-from handson import grading, integrity, report
+from handson import grading
+from handson.grading import integrity, report
 from support import ROOT, assignments, release, solution_cells, submission
 
 

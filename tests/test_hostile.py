@@ -345,7 +345,7 @@ def test_feedback_shows_diagnoses_but_no_hidden_tests(hostile):
 
 
 def test_class_report_names_what_the_class_got_wrong(hostile):
-    from handson import report
+    from handson.grading import report
 
     course, res, *_ = hostile
     paths = report.write(grading.Course(course))

@@ -1,6 +1,7 @@
 """Detecting tampering with the test machinery of an autograded notebook.
 
-Two complementary checks, both run by :mod:`handson.grading`:
+Two complementary checks, both run by the autograder (:mod:`handson.grading.execute` and
+:mod:`handson.grading.autograde`):
 
 - **A probe in the kernel**, after every test cell: it fingerprints the functions the tests rely
   on (``torch.allclose``, ``torch.testing.assert_close``, every ``handson.checks`` function, the
@@ -12,7 +13,7 @@ Two complementary checks, both run by :mod:`handson.grading`:
 
 No in-process check can be complete against code that runs in the same interpreter; these catch
 the plausible ways and say which one was used. The kernel's file-system isolation
-(:mod:`handson.sandbox`) is what keeps solutions and the gradebook out of reach.
+(:mod:`handson.grading.sandbox`) is what keeps solutions and the gradebook out of reach.
 """
 
 from __future__ import annotations

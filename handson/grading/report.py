@@ -13,12 +13,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import nbformat
-
-if TYPE_CHECKING:
-    from handson.grading import Course
+from handson.grading.course import Course
 
 _FLOAT = re.compile(r"(?<![\w.])[-+]?(?:\d+\.\d+(?:e[-+]?\d+)?|\d+e[-+]?\d+)")
 _TUPLE = re.compile(r"\((?:\s*-?\d+\s*,)+\s*-?\d+\s*\)")
@@ -50,6 +45,8 @@ def fold(message: str) -> str:
 
 def _messages(nb_path: Path) -> dict[str, str]:
     """grade_id -> the failure message of each failing test cell in an autograded notebook."""
+    import nbformat
+
     out: dict[str, str] = {}
     try:
         nb = nbformat.read(str(nb_path), 4)
@@ -169,4 +166,3 @@ def write(course: Course, out_dir: Path | None = None, top: int = 3) -> list[Pat
         "vertical-align:top;text-align:left}img{max-width:100%}</style></head><body>"
         + "\n".join(body) + "</body></html>\n")
     return [md_path, html_path] + written
-

@@ -1,8 +1,8 @@
 """Kernel launcher that confines a learner's code while it is autograded.
 
 The autograder starts every kernel through this module (a kernelspec whose argv is
-``python -m handson.sandbox -- python -m ipykernel_launcher -f {connection_file}``). Before the
-kernel starts, the launcher
+``python -m handson.grading.sandbox -- python -m ipykernel_launcher -f {connection_file}``, written
+by :mod:`handson.grading.execute`). Before the kernel starts, the launcher
 
 1. moves into a fresh, empty working directory holding only the submission's data files (never a
    notebook: the notebook being graded contains the hidden tests);
@@ -16,8 +16,11 @@ kernel starts, the launcher
 Isolation levels, best first: ``namespace+user`` (root: mount namespace and the unprivileged
 user), ``userns`` (not root: an unprivileged user namespace with the same mounts), ``none``
 (neither is possible: a warning is printed and the kernel runs in the empty working directory
-with the resource limits only). ``python -m handson.sandbox --probe`` tries the same steps in a
-throw-away process and prints the level that grading will get, so a grading run can report it.
+with the resource limits only). ``python -m handson.grading.sandbox --probe`` tries the same steps
+in a throw-away process and prints the level that grading will get, so a grading run can report it.
+
+Launching a kernel imports :mod:`handson.grading` (the parent package) and this module only: they
+must stay cheap to import, and the package must not import this module itself.
 
 Settings come from the ``HANDSON_SANDBOX`` environment variable (JSON): ``hide`` (paths to
 hide), ``files_from`` (directory whose non-notebook files are copied into the working dir),
@@ -79,7 +82,10 @@ def _write(path: str, text: str) -> None:
 
 
 def _keep_paths() -> list[str]:
-    """Directories the kernel needs to see: the Python installation and the handson package."""
+    """Directories the kernel needs to see: the Python installation and the handson package.
+
+    The whole top-level package (the tests import :mod:`handson.checks`), not this module's folder.
+    """
     import handson  # noqa: PLC0415 -- our own package, already importable
 
     paths = {
@@ -164,7 +170,7 @@ def prepare(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
     cfg = dict(DEFAULTS)
     cfg.update(json.loads(os.environ.get("HANDSON_SANDBOX", "{}") or "{}"))
     if "-f" not in argv:
-        raise SystemExit("handson.sandbox: the kernel command needs '-f {connection_file}'")
+        raise SystemExit("handson.grading.sandbox: the kernel command needs '-f {connection_file}'")
     fi = argv.index("-f") + 1
     connection = Path(argv[fi]).read_bytes()
     files = _collect_files(cfg["files_from"] or os.getcwd())
@@ -191,7 +197,7 @@ def prepare(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
                 level = "user"
             else:
                 level = "none"
-            print(f"handson.sandbox: WARNING: no mount isolation ({exc}); the kernel can read "
+            print(f"handson.grading.sandbox: WARNING: no mount isolation ({exc}); the kernel can read "
                   "the course directory", file=sys.stderr)
     elif is_root:
         level = "user"
@@ -230,7 +236,7 @@ def prepare(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
         os.setgid(gid)
         os.setuid(uid)
         if os.getuid() == 0:
-            raise SystemExit("handson.sandbox: could not drop root privileges")
+            raise SystemExit("handson.grading.sandbox: could not drop root privileges")
     try:
         _libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     except (AttributeError, OSError):
@@ -251,10 +257,10 @@ def main(argv: list[str] | None = None) -> None:
         print(level)
         return
     if not argv:
-        raise SystemExit("usage: python -m handson.sandbox -- KERNEL-COMMAND ... -f CONNECTION_FILE")
+        raise SystemExit("usage: python -m handson.grading.sandbox -- KERNEL-COMMAND ... -f CONNECTION_FILE")
     kernel_argv, env, level = prepare(argv)
     if level == "none":
-        print("handson.sandbox: WARNING: running the kernel without isolation", file=sys.stderr)
+        print("handson.grading.sandbox: WARNING: running the kernel without isolation", file=sys.stderr)
     sys.stderr.flush()
     os.execvpe(kernel_argv[0], kernel_argv, env)
 
