@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: help install book lab exercises autograde feedback report export run collect test clean
+.PHONY: help install book lab exercises autograde feedback report export run library collect test clean
 
 help:
 	@echo "make book       build the book into _build/html (warnings are errors)"
@@ -15,7 +15,8 @@ help:
 	@echo "make feedback   write feedback HTML (no hidden tests) to feedback/"
 	@echo "make report     write the class report to reports/"
 	@echo "make collect ASSIGNMENT=<a> ZIP=<file.zip>   import submissions downloaded from an LMS"
-	@echo "make run NB=book/<id>.ipynb   re-execute a chapter, storing clean outputs"
+	@echo "make run NB=book/<id>.ipynb   re-execute a chapter, storing clean outputs (and the library)"
+	@echo "make library   write handson/nn/<id>.py from the chapters' cells tagged export"
 	@echo "make test       run every check CI runs"
 
 $(STAMP): requirements.txt pyproject.toml
@@ -52,12 +53,16 @@ collect: $(STAMP)
 run: $(STAMP)
 	$(PY) -m handson.nbtools run $(NB)
 
+library: $(STAMP)
+	$(PY) -m handson.nbtools library
+
 export: $(STAMP)
 	$(PY) -m handson.grading export
 
 # Everything CI runs: unit tests, the release check, the solutions, the autograder pipeline with
 # the catalog of buggy submissions, nbval over the chapters, and the book build (which must work offline).
 test: $(STAMP)
+	$(PY) -m handson.nbtools library --check
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 	$(PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg book
