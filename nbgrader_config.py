@@ -3,7 +3,7 @@
 The course layout is the repository layout: sources (solutions and hidden tests) live in
 solutions/<assignment>/, the generated student releases in exercises/<assignment>/.
 Prefer the Makefile targets (make exercises, make autograde, make feedback): they wrap
-nbgrader with isolation, timeouts and reports (see handson/grading.py).
+nbgrader with isolation, timeouts and reports (see the handson/grading/ package).
 """
 
 import os

@@ -24,7 +24,7 @@ def fresh(tmp_path_factory):
     ids = assignments()
     course = make_course(tmp_path_factory.mktemp("release"), ids)
     for a in ids:  # drop the committed releases from the copy: regenerate them from scratch
-        for p in (course / "exercises" / a).glob("*"):
+        for p in (course / "exercises" / a).glob("*.ipynb"):
             p.unlink()
     ok = grading.generate_releases(grading.Course(course), ids)
     assert all(ok.values()), f"generate_assignment failed: {ok}"
