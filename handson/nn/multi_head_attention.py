@@ -52,14 +52,12 @@ class MultiHeadAttention(nn.Module):
         self.o = nn.Linear(d_model, d_model)
 
     def split_heads(self, t):
-        """(B, L, d_model) -> (B, n_head, L, d_head)."""
-        B, L, _ = t.shape
-        return t.view(B, L, self.n_head, self.d_head).transpose(1, 2)
+        """(B, L, d_model) -> (B, n_head, L, d_head), by the module-level split_heads."""
+        return split_heads(t, self.n_head)
 
     def merge_heads(self, t):
-        """(B, n_head, L, d_head) -> (B, L, d_model)."""
-        B, _, L, _ = t.shape
-        return t.transpose(1, 2).reshape(B, L, self.n_head * self.d_head)
+        """(B, n_head, L, d_head) -> (B, L, d_model), by the module-level merge_heads."""
+        return merge_heads(t)
 
     def forward(self, x, attn_mask=None):
         q = self.split_heads(self.q(x))
