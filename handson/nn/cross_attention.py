@@ -15,6 +15,9 @@ import torch.nn.functional as F
 __all__ = ['CrossAttention']
 
 
+from handson.nn.multi_head_attention import attention
+
+
 class CrossAttention(nn.Module):
     """Single-head cross-attention: queries from x, keys and values from context."""
 
