@@ -35,6 +35,8 @@ __all__ = [
     "sdpa_reference",
     "check_matches_torch_mha",
     "check_no_future_leakage",
+    "check_linear",
+    "check_no_delegation",
 ]
 
 #: Tolerances for float64 comparisons against PyTorch's reference implementations.
@@ -71,10 +73,22 @@ _RUNTIME_DIAGNOSES = [
 ]
 
 
+#: Paths that only the instructor has; a submission that reaches for them is told so.
+_INSTRUCTOR_ONLY = ("solutions", "gradebook", "autograded", "submitted", "catalog")
+
+
 def _call_learner(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Call the learner's code, turning PyTorch's common RuntimeErrors into diagnoses."""
     try:
         return fn(*args, **kwargs)
+    except OSError as exc:
+        where = str(getattr(exc, "filename", "") or "")
+        if any(part in where for part in _INSTRUCTOR_ONLY):
+            raise AssertionError(
+                f"the code tried to open {where!r}, which only the instructor has: an answer may use "
+                "its own code, the release and the library pieces the exercise allows -- nothing else."
+            ) from None
+        raise
     except RuntimeError as exc:
         text = str(exc)
         for needle, diagnosis in _RUNTIME_DIAGNOSES:
@@ -165,6 +179,7 @@ def check_rows_sum_to_one(weights: Tensor, mask: Tensor | None = None, name: str
 
 def check_masked_weights_zero(weights: Tensor, mask: Tensor, name: str = "weights") -> None:
     """Assert that every position the boolean ``mask`` forbids (False) has weight exactly 0."""
+    check_finite(weights, name)
     forbidden = ~torch.broadcast_to(mask.to(weights.device), weights.shape)
     leaked = weights.detach()[forbidden]
     if leaked.numel() and (leaked != 0).any():
@@ -342,28 +357,48 @@ def check_runs_on_meta(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
         raise
 
 
+def check_linear(module: torch.nn.Module, name: str, in_features: int, out_features: int,
+                 bias: bool | None = None, why: str = "") -> torch.nn.Linear:
+    """Assert that ``module.<name>`` is an ``nn.Linear(in_features, out_features)``.
+
+    ``bias``: True requires a bias, False forbids one, None accepts both. Returns the layer.
+    """
+    layer = getattr(module, name, None)
+    if not isinstance(layer, torch.nn.Linear):
+        found = "nothing" if layer is None else type(layer).__name__
+        raise AssertionError(f"the module needs an nn.Linear named {name!r} (the book's naming), "
+                             f"but {name!r} is {found}.")
+    if (layer.in_features, layer.out_features) != (in_features, out_features):
+        raise AssertionError(
+            f"{name} should be nn.Linear({in_features}, {out_features}) but maps {layer.in_features} "
+            f"-> {layer.out_features}" + (f": {why}" if why else "."))
+    if bias is True and layer.bias is None:
+        raise AssertionError(f"{name} has no bias, but this module must have one (bias=True).")
+    if bias is False and layer.bias is not None:
+        raise AssertionError(f"{name} has a bias, but with bias=False the module must have none.")
+    return layer
+
+
+def _bias(layer: torch.nn.Linear) -> Tensor:
+    """The layer's bias, or zeros for a layer without one (a bias-free module is a valid style)."""
+    if layer.bias is not None:
+        return layer.bias
+    return torch.zeros(layer.out_features, dtype=layer.weight.dtype, device=layer.weight.device)
+
+
 def _copy_into_torch_mha(module: torch.nn.Module, n_head: int, dtype: torch.dtype,
                          device: torch.device) -> torch.nn.MultiheadAttention:
+    d = getattr(getattr(module, "q", None), "in_features", None)
+    if d is None:
+        check_linear(module, "q", 0, 0)
     for name in ("q", "k", "v", "o"):
-        layer = getattr(module, name, None)
-        if not isinstance(layer, torch.nn.Linear):
-            raise AssertionError(f"the module needs an nn.Linear named {name!r} (the book's naming).")
-    d = module.q.in_features
-    for name in ("q", "k", "v", "o"):
-        layer = getattr(module, name)
-        if (layer.in_features, layer.out_features) != (d, d):
-            raise AssertionError(
-                f"{name} should be nn.Linear({d}, {d}) but maps {layer.in_features} -> "
-                f"{layer.out_features}: every projection keeps d_model (heads split the result)."
-            )
-        if layer.bias is None:
-            raise AssertionError(f"{name} has no bias: keep nn.Linear's default bias=True.")
+        check_linear(module, name, d, d, why="every projection keeps d_model (heads split the result).")
     ref = torch.nn.MultiheadAttention(d, n_head, batch_first=True, dtype=dtype, device=device)
     with torch.no_grad():
         ref.in_proj_weight.copy_(torch.cat([module.q.weight, module.k.weight, module.v.weight]))
-        ref.in_proj_bias.copy_(torch.cat([module.q.bias, module.k.bias, module.v.bias]))
+        ref.in_proj_bias.copy_(torch.cat([_bias(module.q), _bias(module.k), _bias(module.v)]))
         ref.out_proj.weight.copy_(module.o.weight)
-        ref.out_proj.bias.copy_(module.o.bias)
+        ref.out_proj.bias.copy_(_bias(module.o))
     return ref
 
 
@@ -442,15 +477,15 @@ def check_matches_torch_mha(
     check_grads_close(inputs, expected, atol=atol, rtol=rtol)
     d = module.q.in_features
     g, gb = ref.in_proj_weight.grad, ref.in_proj_bias.grad
-    check_grads_close(
-        {"q.weight": module.q.weight, "k.weight": module.k.weight, "v.weight": module.v.weight,
-         "o.weight": module.o.weight, "q.bias": module.q.bias, "k.bias": module.k.bias,
-         "v.bias": module.v.bias, "o.bias": module.o.bias},
-        {"q.weight": g[:d], "k.weight": g[d:2 * d], "v.weight": g[2 * d:],
-         "o.weight": ref.out_proj.weight.grad, "q.bias": gb[:d], "k.bias": gb[d:2 * d],
-         "v.bias": gb[2 * d:], "o.bias": ref.out_proj.bias.grad},
-        atol=atol, rtol=rtol,
-    )
+    mine = {"q.weight": module.q.weight, "k.weight": module.k.weight, "v.weight": module.v.weight,
+            "o.weight": module.o.weight}
+    want = {"q.weight": g[:d], "k.weight": g[d:2 * d], "v.weight": g[2 * d:],
+            "o.weight": ref.out_proj.weight.grad}
+    for name, ref_grad in [("q", gb[:d]), ("k", gb[d:2 * d]), ("v", gb[2 * d:]),
+                           ("o", ref.out_proj.bias.grad)]:
+        if getattr(module, name).bias is not None:
+            mine[f"{name}.bias"], want[f"{name}.bias"] = getattr(module, name).bias, ref_grad
+    check_grads_close(mine, want, atol=atol, rtol=rtol)
 
 
 def _mha_forward_zeroing(ref: torch.nn.MultiheadAttention, x: Tensor, kv: Tensor,
@@ -497,15 +532,72 @@ def check_no_future_leakage(fn: Callable[[Tensor], Any], x: Tensor, name: str = 
             diff = float((changed[:, :t + 1] - base[:, :t + 1]).abs().max())
             raise AssertionError(
                 f"{name} at position {t} changed by {diff:.3g} when only later positions changed: "
-                "future tokens leak -- is the causal mask applied, lower-triangular (tril), and not "
-                "inverted?"
+                "future tokens leak -- is the causal mask applied, lower-triangular (tril, not triu), "
+                "aligned at the bottom right when there are more keys than queries, and not inverted?"
             )
     xg = x.detach().clone().requires_grad_()
     out = run(xg)
     t = max(0, L // 2 - 1)
     check_backward_runs(lambda: out[:, t].sum())
     if xg.grad is not None and xg.grad[:, t + 1:].abs().max() != 0:
+        leak = float(xg.grad[:, t + 1:].abs().max())
         raise AssertionError(
-            f"the gradient of {name} at position {t} reaches later input positions: future tokens "
-            "leak through the attention weights."
+            f"the gradient of {name} at position {t} reaches later input positions (by up to "
+            f"{leak:.1e}; it must be exactly 0): future tokens leak through the attention weights -- "
+            "the causal mask is missing, inverted or applied after the softmax, or blocked scores "
+            "get a finite fill (such as -1e4) that leaves them a tiny weight instead of -inf."
         )
+
+
+def _code_objects(obj: Any) -> set[Any]:
+    """The code objects of a function, or of every function defined in a class's body."""
+    if isinstance(obj, type):
+        return {f.__code__ for c in obj.__mro__ if c.__module__.startswith(("handson", "torch.nn.modules"))
+                for f in vars(c).values() if hasattr(f, "__code__")} - _code_objects_of_base()
+    fn = getattr(obj, "__func__", obj)
+    return {fn.__code__} if hasattr(fn, "__code__") else set()
+
+
+def _code_objects_of_base() -> set[Any]:
+    return {f.__code__ for f in vars(torch.nn.Module).values() if hasattr(f, "__code__")}
+
+
+def check_no_delegation(fn: Callable[..., Any], *args: Any, forbidden: Mapping[str, Any],
+                        asked: str = "answer", **kwargs: Any) -> Any:
+    """Call ``fn(*args, **kwargs)`` and assert that it never called a ``forbidden`` callable.
+
+    ``forbidden`` maps a readable name to a function, builtin or class (a class stands for all the
+    methods of its body). An exercise forbids the library piece (or PyTorch built-in) that it asks
+    the learner to write; calling it anywhere inside ``fn``, by any name, fails with a message that
+    says so. Returns ``fn``'s result.
+    """
+    import sys
+
+    codes: dict[Any, str] = {}
+    builtins_: dict[int, str] = {}
+    for name, obj in forbidden.items():
+        found = _code_objects(obj)
+        for code in found:
+            codes[code] = name
+        if not found:
+            builtins_[id(obj)] = name
+    seen: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code in codes:
+            seen.append(codes[frame.f_code])
+        elif event == "c_call" and id(arg) in builtins_:
+            seen.append(builtins_[id(arg)])
+
+    old = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        result = _call_learner(fn, *args, **kwargs)
+    finally:
+        sys.setprofile(old)
+    if seen:
+        raise AssertionError(
+            f"the {asked} calls {seen[0]}, which this exercise asks you to write yourself: using the "
+            "library's (or PyTorch's) version of the asked piece earns no marks for this part."
+        )
+    return result

@@ -54,7 +54,7 @@ class Bug:
 
     ``expect``: test cells (grade ids) that must lose points -- the checks meant to catch it.
     ``diagnosis``: a phrase that the first failing test's message must contain (case-insensitive),
-    so that the learner is sent to the real cause; empty when not yet pinned.
+    so that the learner is sent to the real cause.
     """
 
     name: str
@@ -102,6 +102,22 @@ def load_controls(assignment: str) -> list[Bug]:
 
     mod = importlib.import_module(f"catalog.{assignment}")
     return list(getattr(mod, "CONTROLS", []))
+
+
+def transcriptions(assignment: str) -> dict[str, dict[str, str]]:
+    """Answers that merely transcribe earlier material, each {grade_id: source}.
+
+    ``CHAPTER_AS_ANSWER`` (required): the chapter's own code pasted into the answer cells, adapted
+    only to the names and signatures the exercise gives. ``PREVIOUS_AS_ANSWER`` (where it applies):
+    the previous exercise's solution, minimally adapted. Each must score at most a third.
+    """
+    import importlib
+
+    mod = importlib.import_module(f"catalog.{assignment}")
+    out = {"chapter": dict(getattr(mod, "CHAPTER_AS_ANSWER", {}) or {})}
+    if getattr(mod, "PREVIOUS_AS_ANSWER", None):
+        out["previous"] = dict(mod.PREVIOUS_AS_ANSWER)
+    return out
 
 
 def blank_cells(assignment: str) -> dict[str, str]:

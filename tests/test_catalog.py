@@ -3,7 +3,8 @@
 For each assignment: the solution gets full marks and the blank release zero; every cataloged bug
 loses points, in the test cells meant to catch it, and -- where the catalog pins a diagnosis -- the
 first failing test names the real cause; every control (a correct answer in another style) keeps
-full marks. tests/test_autograde.py runs a sample of the same submissions through nbgrader end to
+full marks; and the chapter's own code pasted as the answer (and the previous exercise's solution,
+minimally adapted) scores at most a third: an exercise is a step beyond its chapter. tests/test_autograde.py runs a sample of the same submissions through nbgrader end to
 end and checks that both paths give the same scores, cell for cell.
 """
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 import pytest
 
 from support import (assignments, blank_cells, grade_in_process, load_catalog, load_controls,
-                     solution_cells)
+                     solution_cells, transcriptions)
+
+MIN_CONTROLS = 3
 
 
 def _name(kind: str, name: str) -> str:
@@ -26,6 +29,9 @@ def proven(request, tmp_path_factory):
     subs = {"solution": solution_cells(a), "blank": blank_cells(a)}
     subs.update({_name("bug", b.name): b.answers(a) for b in bugs})
     subs.update({_name("control", c.name): c.answers(a) for c in controls})
+    for kind, answers in transcriptions(a).items():
+        if answers:
+            subs[f"transcription-{kind}"] = {**blank_cells(a), **answers}
     return a, bugs, controls, grade_in_process(a, subs, tmp_path_factory.mktemp(a))
 
 
@@ -38,9 +44,24 @@ def _first_failure(cells: dict) -> str:
 
 
 def test_catalog_is_large_enough(proven):
-    a, bugs, _, _ = proven
+    a, bugs, controls, _ = proven
     assert len(bugs) >= 10, f"{a}: the catalog has {len(bugs)} bugs; at least 10 are required"
-    assert len({b.name for b in bugs}) == len(bugs), f"{a}: duplicate bug names"
+    assert len(controls) >= MIN_CONTROLS, \
+        f"{a}: the catalog has {len(controls)} controls; at least {MIN_CONTROLS} are required"
+    names = [b.name for b in bugs + controls]
+    assert len(set(names)) == len(names), f"{a}: duplicate names in the catalog"
+    unpinned = [b.name for b in bugs if not b.diagnosis]
+    assert not unpinned, f"{a}: bugs without the diagnosis their first failure must give: {unpinned}"
+
+
+def test_exercise_is_a_step_beyond_the_chapter(proven):
+    a, _, _, res = proven
+    assert "transcription-chapter" in res, f"{a}: the catalog has no CHAPTER_AS_ANSWER"
+    for name in ("transcription-chapter", "transcription-previous"):
+        if name in res:
+            got, full = _total(res[name])
+            assert got <= full / 3, (f"{a}: {name.split('-')[1]} code pasted as the answer scores "
+                                     f"{got}/{full}, more than a third")
 
 
 def test_solution_full_blank_zero(proven):

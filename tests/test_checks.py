@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from handson import checks
 
@@ -185,3 +186,72 @@ def test_runtime_errors_from_learner_code_get_a_diagnosis():
 
     with pytest.raises(AssertionError, match="dtype=x.dtype"):
         checks.check_matches_reference(mixes_dtypes, checks.sdpa_reference, qkv(2, 4, 3))
+
+
+def test_check_linear_names_the_layout_problem():
+    m = torch.nn.Module()
+    m.q = torch.nn.Linear(4, 6, bias=False)
+    assert checks.check_linear(m, "q", 4, 6) is m.q
+    with pytest.raises(AssertionError, match="needs an nn.Linear named 'k'"):
+        checks.check_linear(m, "k", 4, 6)
+    with pytest.raises(AssertionError, match=r"nn.Linear\(4, 8\) but maps 4 -> 6"):
+        checks.check_linear(m, "q", 4, 8)
+    with pytest.raises(AssertionError, match="has no bias"):
+        checks.check_linear(m, "q", 4, 6, bias=True)
+    m.q = torch.nn.Linear(4, 6)
+    with pytest.raises(AssertionError, match="bias=False"):
+        checks.check_linear(m, "q", 4, 6, bias=False)
+
+
+def test_check_no_delegation_catches_any_name_for_the_forbidden_piece():
+    from handson.nn import MultiHeadAttention, attention
+
+    forbidden = {"handson.nn.attention": attention, "F.scaled_dot_product_attention":
+                 F.scaled_dot_product_attention, "nn.MultiheadAttention": torch.nn.MultiheadAttention,
+                 "handson.nn.MultiHeadAttention": MultiHeadAttention}
+    q = torch.randn(2, 3, 4)
+    alias = attention
+
+    def honest(q, k, v):
+        w = torch.softmax(q @ k.transpose(-2, -1) / 2.0, -1)
+        return w @ v, w
+
+    out = checks.check_no_delegation(honest, q, q, q, forbidden=forbidden)
+    assert out[0].shape == (2, 3, 4)
+    for fn, name in [(lambda q, k, v: alias(q, k, v), "handson.nn.attention"),
+                     (lambda q, k, v: (F.scaled_dot_product_attention(q, k, v), None),
+                      "F.scaled_dot_product_attention")]:
+        with pytest.raises(AssertionError, match=f"calls {name}, which this exercise asks"):
+            checks.check_no_delegation(fn, q, q, q, forbidden=forbidden)
+    wrapped = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+    with pytest.raises(AssertionError, match="nn.MultiheadAttention"):
+        checks.check_no_delegation(lambda x: wrapped(x, x, x), q, forbidden=forbidden)
+    lib = MultiHeadAttention(4, 2)
+    with pytest.raises(AssertionError, match="handson.nn.MultiHeadAttention"):
+        checks.check_no_delegation(lambda x: lib(x), q, forbidden=forbidden)
+
+
+def test_instructor_only_paths_get_a_clear_message():
+    def peek():
+        open("/nonexistent/solutions/self_attention/self_attention.ipynb").read()
+
+    with pytest.raises(AssertionError, match="only the instructor has"):
+        checks.check_not_mutated(peek)
+
+
+def test_bias_free_modules_compare_with_torch_mha():
+    class NoBias(torch.nn.Module):
+        def __init__(self, d, h):
+            super().__init__()
+            self.h = h
+            for n in "qkvo":
+                setattr(self, n, torch.nn.Linear(d, d, bias=False))
+
+        def forward(self, x, attn_mask=None):
+            B, L, D = x.shape
+            split = lambda t: t.view(B, L, self.h, D // self.h).transpose(1, 2)  # noqa: E731
+            out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+            s = split(self.q(x)) @ split(self.k(x)).transpose(-2, -1) / (D // self.h) ** 0.5
+            return self.o(out.transpose(1, 2).reshape(B, L, D)), torch.softmax(s, -1)
+
+    checks.check_matches_torch_mha(NoBias(8, 2).double(), 2, torch.randn(2, 5, 8, dtype=torch.float64))
