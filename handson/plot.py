@@ -202,7 +202,7 @@ def heatmap_grid(
     suptitle: str | None = None,
     cmap: str = "viridis",
     mask: Any = None,
-    cell: float = 0.5,
+    cell: float = 0.45,
 ) -> Figure:
     """Draw a grid of heatmaps, one per leading index (e.g. per head), sharing one colour scale.
 
@@ -220,7 +220,7 @@ def heatmap_grid(
     nrows = (n + ncols - 1) // ncols
     h, w = mats[0].shape
     fig, axes = plt.subplots(nrows, ncols, squeeze=False,
-                             figsize=(ncols * (cell * w + 1.2) + 0.8, nrows * (cell * h + 1.2)),
+                             figsize=(ncols * (cell * w + 0.3) + 1.7, nrows * (cell * h + 0.6) + 0.7),
                              layout="constrained")
     im = None
     for idx, ax in enumerate(axes.flat):
@@ -245,7 +245,7 @@ def heatmap_grid(
                 for j in range(mats[idx].shape[1]):
                     if allowed is not None and not allowed[i, j]:
                         continue
-                    ax.text(j, i, f"{mats[idx][i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    ax.text(j, i, f"{mats[idx][i, j]:.2f}", ha="center", va="center", fontsize=8,
                             color=_text_color(mats[idx][i, j], lo, hi))
         if titles is not None:
             ax.set_title(titles[idx])
@@ -271,11 +271,13 @@ def mask_effect(
     """
     m = to_numpy(mask)
     h, w = m.shape
-    fig, axes = plt.subplots(1, 3, figsize=(3 * (0.55 * w + 1.5) + 0.8, 0.55 * h + 2.0),
+    cell = 0.34  # inches per matrix cell: three panels fit the book's column
+    fig, axes = plt.subplots(1, 3, figsize=(3 * (cell * w + 0.3) + 1.9, cell * h + 1.6),
                              layout="constrained")
     mask_heatmap(mask, row_labels, col_labels, ax=axes[0], title=titles[0])
     heatmap(before, row_labels, col_labels, ax=axes[1], title=titles[1], colorbar=False)
     heatmap(after, row_labels, col_labels, ax=axes[2], title=titles[2], colorbar=True, mask=mask)
     for ax in axes[1:]:
         ax.set_ylabel("")
+        ax.set_yticklabels([])
     return fig
