@@ -15,6 +15,10 @@ import torch.nn.functional as F
 __all__ = ['repeat_kv', 'GroupedQueryAttention', 'mha_to_gqa', 'attention', 'MultiHeadAttention']
 
 
+from handson.nn.multi_head_attention import merge_heads, split_heads
+from handson.nn.self_attention import scaled_dot_product_attention
+
+
 def repeat_kv(x, n_rep):
     """(B, H_kv, L, d) -> (B, H_kv * n_rep, L, d); head j is repeated at positions j*n_rep ... j*n_rep + n_rep - 1."""
     B, n_kv, L, d = x.shape
@@ -41,7 +45,7 @@ class GroupedQueryAttention(nn.Module):
         q = split_heads(self.q(x), self.n_head)
         k = repeat_kv(split_heads(self.k(x), self.n_kv_head), g)
         v = repeat_kv(split_heads(self.v(x), self.n_kv_head), g)
-        out, weights = attention(q, k, v)
+        out, weights = scaled_dot_product_attention(q, k, v)
         return self.o(merge_heads(out)), weights
 
 
@@ -62,7 +66,6 @@ def mha_to_gqa(mha, n_kv_head):
 
 
 from handson.nn.causal_masking import causal_mask
-from handson.nn.multi_head_attention import merge_heads, split_heads
 
 
 def attention(q, k, v, attn_mask=None, *, scale=None, is_causal=False, need_weights=True,
