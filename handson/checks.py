@@ -601,3 +601,452 @@ def check_no_delegation(fn: Callable[..., Any], *args: Any, forbidden: Mapping[s
             "library's (or PyTorch's) version of the asked piece earns no marks for this part."
         )
     return result
+
+
+# --- cross_attention ---
+# Checks for attention modules whose keys and values come from a context of its own width
+# (``k, v: nn.Linear(d_context, d_model)``) and may be projected once and passed back in as ``kv``.
+# Every comparison first checks the structure, then names the likely mistake by recomputing the
+# reference with the common mistakes and seeing which one the learner's numbers match.
+
+_SHAPE_NEEDLES = ("must match the size of tensor", "shapes cannot be multiplied", "is invalid for input of size",
+                  "Expected size", "expanded size", "size mismatch", "The size of tensor")
+_CROSS_SIGNATURE = "forward(x, context=None, attn_mask=None, *, kv=None)"
+
+
+def _describe_call(x: Tensor, context: Tensor | None, kv: Any, attn_mask: Tensor | None) -> str:
+    parts = [f"x {_fmt_shape(x.shape)}"]
+    if context is not None:
+        parts.append(f"context {_fmt_shape(context.shape)}")
+    if kv is not None:
+        shapes = [_fmt_shape(t.shape) for t in kv if isinstance(t, Tensor)] if isinstance(kv, (tuple, list)) else []
+        parts.append("kv of shapes " + " and ".join(shapes) if shapes else "kv")
+    if attn_mask is not None:
+        parts.append(f"a mask {_fmt_shape(attn_mask.shape)}")
+    return ", ".join(parts)
+
+
+def call_cross_attention(module: Any, x: Tensor, context: Tensor | None = None,
+                         attn_mask: Tensor | None = None, *, kv: Any = None, positional: bool = False,
+                         forbidden: Mapping[str, Any] | None = None, asked: str = "module") -> tuple[Tensor, Any]:
+    """Call a cross-attention module as the tests do and return its ``(out, weights)``.
+
+    With ``context``: ``module(x, context)``, ``module(x, context, attn_mask=m)`` or, with
+    ``positional=True``, ``module(x, context, m)``; with ``kv``: ``module(x, kv=kv)`` or
+    ``module(x, attn_mask=m, kv=kv)``. An absent mask is not passed at all. ``forbidden`` is handed
+    to :func:`check_no_delegation`. Shape errors are reported with the shapes of the call and who
+    reads what; a wrong signature is reported with the signature the exercise asks for.
+    """
+    if kv is not None:
+        form = "module(x, kv=kv)" if attn_mask is None else "module(x, attn_mask=mask, kv=kv)"
+        args, kwargs = (x,), ({"kv": kv} if attn_mask is None else {"attn_mask": attn_mask, "kv": kv})
+    elif attn_mask is None:
+        form, args, kwargs = "module(x, context)", (x, context), {}
+    elif positional:
+        form, args, kwargs = "module(x, context, mask)", (x, context, attn_mask), {}
+    else:
+        form, args, kwargs = "module(x, context, attn_mask=mask)", (x, context), {"attn_mask": attn_mask}
+    where = _describe_call(x, context, kv, attn_mask)
+    named = [("x", x), ("context", context), ("attn_mask", attn_mask)]
+    if isinstance(kv, (tuple, list)):
+        named += [(f"kv[{i}]", t) for i, t in enumerate(kv)]
+    before = [(n, t, t.detach().clone(), t._version) for n, t in named if isinstance(t, Tensor)]
+
+    def run() -> Any:
+        try:
+            return module(*args, **kwargs)
+        except TypeError as exc:
+            if "argument" in str(exc):
+                raise AssertionError(
+                    f"the module could not be called as {form} ({exc}): keep the signature "
+                    f"{_CROSS_SIGNATURE}, with kv keyword-only.") from None
+            raise
+        except ValueError as exc:
+            if positional:
+                raise AssertionError(
+                    f"the call {form} raised ValueError ({exc}): the third positional argument is the mask -- "
+                    f"keep the signature {_CROSS_SIGNATURE}, with kv keyword-only.") from None
+            raise
+        except RuntimeError as exc:
+            text = str(exc)
+            first = text.strip().splitlines()[0][:160] if text.strip() else ""
+            if any(n in text for n in _SHAPE_NEEDLES):
+                found = next((d for n, d in _RUNTIME_DIAGNOSES if n in text), "the shapes do not fit")
+                mask = (" and the mask broadcast to (B, n_head, L, S) (a (B, S) key padding mask does not: "
+                        "shape it (B, 1, 1, S))") if attn_mask is not None else ""
+                raise AssertionError(
+                    f"the call {form} failed for {where} (PyTorch said: {first}): the queries come from x "
+                    "(q: d_model -> d_model), the keys and values from the context (k, v: d_context -> "
+                    f"d_model), split into (B, n_head, S, d_head){mask}. In general: {found}.") from None
+            raise
+
+    if forbidden:
+        result = check_no_delegation(run, forbidden=forbidden, asked=asked)
+    else:
+        result = _call_learner(run)
+    for n, t, copy, version in before:
+        changed = t.device.type != "meta" and not torch.equal(t.detach(), copy)
+        if changed or t._version != version:
+            raise AssertionError(
+                f"{n} was modified in place by the call {form} (version {version} -> {t._version}): an "
+                "in-place operation (masked_fill_, logical_not_, +=, ...) wrote into the caller's tensor "
+                "or a view of it -- use the out-of-place form, which makes a new tensor.")
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise AssertionError(f"{form} should return a pair (out, weights) but returned {type(result).__name__}.")
+    return result
+
+
+def check_cross_layers(module: torch.nn.Module, d_model: int, d_context: int | None = None) -> None:
+    """Assert the layout ``q, o: nn.Linear(d_model, d_model)``, ``k, v: nn.Linear(d_context, d_model)``.
+
+    Biases are free (with or without). ``d_context=None`` means ``d_model``.
+    """
+    d_context = d_model if d_context is None else d_context
+    check_linear(module, "q", d_model, d_model, why="the queries come from x, of width d_model.")
+    for name in ("k", "v"):
+        check_linear(module, name, d_context, d_model,
+                     why=f"{name} reads the context, of width d_context = {d_context}, and maps it to d_model = "
+                     f"{d_model} (d_context defaults to d_model).")
+    check_linear(module, "o", d_model, d_model, why="the heads, merged back, have width d_model.")
+
+
+def _split(t: Tensor, n_head: int) -> Tensor:
+    return t.unflatten(-1, (n_head, -1)).transpose(-3, -2)
+
+
+def _split_wrong(t: Tensor, n_head: int) -> Tensor:
+    B, N, D = t.shape
+    return t.reshape(B, n_head, N, D // n_head)
+
+
+def _merge(t: Tensor) -> Tensor:
+    return t.transpose(-3, -2).flatten(-2)
+
+
+def _soft(q: Tensor, k: Tensor, allowed: Tensor | None, scale: float, dim: int = -1) -> Tensor:
+    s = (q @ k.transpose(-2, -1)) * scale
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    return torch.nan_to_num(torch.softmax(s, dim=dim), nan=0.0)
+
+
+def _first_match(actual: Tensor, candidates: list[tuple[str, Callable[[], Tensor]]]) -> str | None:
+    a = actual.detach().to(torch.float64)
+    for message, make in candidates:
+        try:
+            c = make().detach().to(torch.float64)
+        except (RuntimeError, ValueError):
+            continue
+        if c.shape == a.shape and torch.allclose(a, c, atol=1e-7, rtol=1e-6):
+            return message
+    return None
+
+
+def _diagnose_weights(weights: Tensor, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None,
+                      mask: Tensor | None, raw: Mapping[str, Tensor] | None = None) -> str:
+    """Which common mistake gives these weights? ``q, k, v`` are the reference's heads."""
+    d_head, S, n_head = q.shape[-1], k.shape[-2], q.shape[-3]
+    scale = 1 / math.sqrt(d_head)
+    shape = weights.shape
+    cands: list[tuple[str, Callable[[], Tensor]]] = []
+    if allowed is not None:
+        cands += [
+            ("the mask is inverted: in this book True means 'may attend' (nn.MultiheadAttention uses the "
+             "opposite) -- fill the scores with -inf where the mask is False",
+             lambda: _soft(q, k, ~allowed, scale)),
+            ("the mask is ignored: fill the scores with -inf where attn_mask is False, before the softmax",
+             lambda: _soft(q, k, None, scale)),
+            ("the mask multiplies the scores: a blocked key gets the score 0, which still has weight -- "
+             "fill the scores with -inf where the mask is False (masked_fill(~mask, -inf))",
+             lambda: torch.softmax((q @ k.transpose(-2, -1)) * scale * allowed, dim=-1)),
+        ]
+        if not bool(allowed.any(-1).all()):
+            cands.append(("queries whose every key is masked get uniform weights: a finite fill (-1e9, "
+                          "finfo.min) leaves such rows a softmax over equal scores -- rows with no allowed "
+                          "key must give zero weights (and a zero attention result)",
+                          lambda: torch.softmax(((q @ k.transpose(-2, -1)) * scale).masked_fill(~allowed, -1e9),
+                                                dim=-1)))
+        if mask is not None and mask.dim() >= 2:
+            cands.append(("the mask was applied along the wrong axis (transposed): the last axis of the "
+                          "scores (B, n_head, L, S) is the keys, and the mask's last axis must be too",
+                          lambda: _soft(q, k, torch.broadcast_to(mask.transpose(-2, -1).to(q.device), shape),
+                                        scale)))
+    cands += [
+        ("the softmax is taken over the wrong dimension: each query's row of weights, over the keys "
+         "(dim=-1), must sum to 1", lambda: _soft(q, k, allowed, scale, dim=-2)),
+        ("the scale uses d_model: each head's scores must be divided by sqrt(d_head), with d_head = "
+         "d_model // n_head", lambda: _soft(q, k, allowed, 1 / math.sqrt(d_head * n_head))),
+        ("the scores are not scaled: divide them by sqrt(d_head)", lambda: _soft(q, k, allowed, 1.0)),
+        ("the scale uses the number of keys S: divide the scores by sqrt(d_head), the size of one head",
+         lambda: _soft(q, k, allowed, 1 / math.sqrt(S))),
+        ("the scores are divided by d_head: divide them by sqrt(d_head)",
+         lambda: _soft(q, k, allowed, 1 / d_head)),
+        ("the keys and values are swapped (k and v, or the order of the pair kv = (k, v)): the keys "
+         "come from the k layer, the values from the v layer", lambda: _soft(q, v, allowed, scale)),
+    ]
+    if raw is not None:
+        cands += [
+            ("the queries were split into heads without the transpose: view(B, L, n_head, d_head)"
+             ".transpose(1, 2) -- view(B, n_head, L, d_head) mixes positions",
+             lambda: _soft(_split_wrong(raw["q"], n_head), k, allowed, scale)),
+            ("the keys were split into heads without the transpose: view(B, S, n_head, d_head)"
+             ".transpose(1, 2) -- view(B, n_head, S, d_head) mixes positions",
+             lambda: _soft(q, _split_wrong(raw["k"], n_head), allowed, scale)),
+            ("the queries and keys were split into heads without the transpose: view(B, N, n_head, "
+             "d_head).transpose(1, 2) -- view(B, n_head, N, d_head) mixes positions",
+             lambda: _soft(_split_wrong(raw["q"], n_head), _split_wrong(raw["k"], n_head), allowed, scale)),
+        ]
+    found = _first_match(weights, cands)
+    return found or ("check the split into heads (view then transpose), the scale 1/sqrt(d_head), the softmax "
+                     "dimension (over the keys) and the mask (bool, True = may attend)")
+
+
+def _diagnose_out(out: Tensor, w: Tensor, v: Tensor, o: Callable[[Tensor], Tensor],
+                  raw: Mapping[str, Tensor] | None = None) -> str:
+    """Which common mistake gives this output, the weights being right?"""
+    B, H, L, _ = w.shape
+    cands: list[tuple[str, Callable[[], Tensor]]] = [
+        ("the heads were merged back without the transpose: (B, n_head, L, d_head) -> transpose(1, 2) -> "
+         "reshape(B, L, d_model)", lambda: o((w @ v).reshape(B, L, -1))),
+        ("the output projection o is not applied", lambda: _merge(w @ v)),
+    ]
+    if raw is not None:
+        cands += [
+            ("the values were split into heads without the transpose (the weights are right): view(B, S, "
+             "n_head, d_head).transpose(1, 2)", lambda: o(_merge(w @ _split_wrong(raw["v"], H)))),
+            ("the values were computed with the k layer: the values come from v",
+             lambda: o(_merge(w @ _split(raw["k"], H)))),
+        ]
+    found = _first_match(out, cands)
+    return found or ("the weights are right but the output is not: check the values' split into heads, the merge "
+                     "(transpose then reshape) and the output projection o")
+
+
+def _check_nan_rows(weights: Tensor, allowed: Tensor | None) -> None:
+    """NaN rows where the mask allows every key mean the mask was read the other way round."""
+    if allowed is None or tuple(weights.shape) != tuple(allowed.shape):
+        return
+    nan_rows = torch.isnan(weights.detach()).any(-1)
+    if not bool(nan_rows.any()):
+        return
+    if bool(allowed[nan_rows].all(-1).all()):
+        raise AssertionError(
+            f"weights are NaN in {int(nan_rows.sum())} row(s) whose queries may attend every key: the mask is "
+            "inverted -- in this book True means 'may attend' (nn.MultiheadAttention uses the opposite), so "
+            "fill the scores with -inf where the mask is False.")
+    if bool(allowed[nan_rows].any(-1).all()):
+        raise AssertionError(
+            f"weights are NaN in {int(nan_rows.sum())} row(s) whose queries may attend some keys (True = may "
+            "attend): the mask was read the wrong way or on the wrong axis -- block the keys where it is False.")
+
+
+def _ref_mha(module: torch.nn.Module, n_head: int, d_model: int, d_context: int, dtype: torch.dtype,
+             device: torch.device) -> torch.nn.MultiheadAttention:
+    ref = torch.nn.MultiheadAttention(d_model, n_head, kdim=d_context, vdim=d_context, batch_first=True,
+                                      dtype=dtype, device=device)
+    with torch.no_grad():
+        if ref._qkv_same_embed_dim:
+            ref.in_proj_weight.copy_(torch.cat([module.q.weight, module.k.weight, module.v.weight]))
+        else:
+            ref.q_proj_weight.copy_(module.q.weight)
+            ref.k_proj_weight.copy_(module.k.weight)
+            ref.v_proj_weight.copy_(module.v.weight)
+        ref.in_proj_bias.copy_(torch.cat([_bias(module.q), _bias(module.k), _bias(module.v)]))
+        ref.out_proj.weight.copy_(module.o.weight)
+        ref.out_proj.bias.copy_(_bias(module.o))
+    return ref
+
+
+def _ref_weight_grads(ref: torch.nn.MultiheadAttention, d: int) -> dict[str, Tensor | None]:
+    if ref._qkv_same_embed_dim:
+        g = ref.in_proj_weight.grad
+        wq, wk, wv = g[:d], g[d:2 * d], g[2 * d:]
+    else:
+        wq, wk, wv = ref.q_proj_weight.grad, ref.k_proj_weight.grad, ref.v_proj_weight.grad
+    gb = ref.in_proj_bias.grad
+    return {"q.weight": wq, "k.weight": wk, "v.weight": wv, "o.weight": ref.out_proj.weight.grad,
+            "q.bias": gb[:d], "k.bias": gb[d:2 * d], "v.bias": gb[2 * d:], "o.bias": ref.out_proj.bias.grad}
+
+
+def check_matches_torch_cross_attention(
+    module: torch.nn.Module,
+    n_head: int,
+    x: Tensor,
+    context: Tensor,
+    attn_mask: Tensor | None = None,
+    *,
+    use_kv: bool = False,
+    forbidden: Mapping[str, Any] | None = None,
+    asked: str = "module",
+    atol: float = ATOL64,
+    rtol: float = RTOL64,
+) -> None:
+    """Compare a cross-attention module with ``nn.MultiheadAttention(d_model, n_head, kdim=d_context,
+    vdim=d_context, batch_first=True)`` holding the same weights (zeros for missing biases).
+
+    The module is called as ``module(x, context[, attn_mask=m])`` or, with ``use_kv=True``, as
+    ``module(x[, attn_mask=m], kv=module.project_context(context))``. The mask is boolean, True = may
+    attend, broadcastable to (B, n_head, L, S); query rows that may attend no key are compared with
+    zero weights and a zero attention result. Checks the layers first, then the output, the per-head
+    weights and the gradients with respect to x, the context and every weight and bias, and names the
+    likely mistake when they differ.
+    """
+    d, dc = x.shape[-1], context.shape[-1]
+    check_cross_layers(module, d, dc)
+    dtype, device = x.dtype, x.device
+    module.zero_grad(set_to_none=True)
+    ref = _ref_mha(module, n_head, d, dc, dtype, device)
+    x1, x2 = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    c1, c2 = context.detach().clone().requires_grad_(), context.detach().clone().requires_grad_()
+    if use_kv:
+        kv = check_project_context(module, n_head, c1, forbidden=forbidden, asked=asked, compare=False)
+        out, weights = call_cross_attention(module, x1, attn_mask=attn_mask, kv=kv, forbidden=forbidden, asked=asked)
+    else:
+        out, weights = call_cross_attention(module, x1, c1, attn_mask, forbidden=forbidden, asked=asked)
+    B, L, S = x.shape[0], x.shape[1], context.shape[1]
+    allowed = None if attn_mask is None else torch.broadcast_to(attn_mask.to(device), (B, n_head, L, S))
+    if allowed is None or bool(allowed.any(-1).all()):
+        mha_mask = None if allowed is None else (~allowed).reshape(B * n_head, L, S)
+        ref_out, ref_w = ref(x2, c2, c2, attn_mask=mha_mask, need_weights=True, average_attn_weights=False)
+    else:
+        ref_out, ref_w = None, None
+    # the reference's heads, recomputed from its own weights, for the zeroing case and the diagnoses
+    if ref._qkv_same_embed_dim:
+        wq, wk, wv = ref.in_proj_weight.split(d)
+    else:
+        wq, wk, wv = ref.q_proj_weight, ref.k_proj_weight, ref.v_proj_weight
+    bq, bk, bv = ref.in_proj_bias.split(d)
+    if ref_out is None:
+        rq, rk, rv = F.linear(x2, wq, bq), F.linear(c2, wk, bk), F.linear(c2, wv, bv)
+        attn, ref_w = sdpa_reference(_split(rq, n_head), _split(rk, n_head), _split(rv, n_head), allowed)
+        ref_out = ref.out_proj(_merge(attn))
+    with torch.no_grad():
+        raw = {"q": F.linear(x2, wq, bq), "k": F.linear(c2, wk, bk), "v": F.linear(c2, wv, bv)}
+        qh, kh, vh = (_split(raw[n], n_head) for n in "qkv")
+    check_shape(out, ref_out.shape, "out", hint="one output row per query (x), of width d_model")
+    if isinstance(weights, Tensor) and tuple(weights.shape) == (B, L, S) and n_head > 1:
+        raise AssertionError(f"weights have shape {_fmt_shape(weights.shape)}: they were averaged over the heads "
+                             f"-- return them per head, ({B}, {n_head}, {L}, {S}).")
+    check_shape(weights, ref_w.shape, "weights", hint="weights are per head: (B, n_head, L, S), S keys from the context")
+    check_dtype(out, dtype, "out")
+    _check_nan_rows(weights, allowed)
+    check_finite(weights, "weights")
+    check_finite(out, "out")
+    if not torch.allclose(weights.detach(), ref_w.detach(), atol=atol, rtol=rtol):
+        raise AssertionError(f"weights differ from the reference by up to {_max_abs_diff(weights, ref_w):.3g}: "
+                             + _diagnose_weights(weights, qh, kh, vh, allowed, attn_mask, raw) + ".")
+    if not torch.allclose(out.detach(), ref_out.detach(), atol=atol, rtol=rtol):
+        with torch.no_grad():
+            msg = _diagnose_out(out, ref_w.detach(), vh, ref.out_proj, raw)
+        raise AssertionError(f"out differs from the reference by up to {_max_abs_diff(out, ref_out):.3g}: {msg}.")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    proj = torch.randn(out.shape, generator=gen, dtype=dtype).to(device)
+    check_backward_runs(lambda: (out * proj).sum())
+    (ref_out * proj).sum().backward()
+    check_grads_close({"x": x1, "context": c1}, {"x": x2.grad, "context": c2.grad}, atol=atol, rtol=rtol)
+    want = _ref_weight_grads(ref, d)
+    mine = {}
+    for name in "qkvo":
+        layer = getattr(module, name)
+        mine[f"{name}.weight"] = layer.weight
+        if layer.bias is not None:
+            mine[f"{name}.bias"] = layer.bias
+    check_grads_close(mine, {n: want[n] for n in mine}, atol=atol, rtol=rtol)
+
+
+def check_project_context(module: torch.nn.Module, n_head: int, context: Tensor, *,
+                          forbidden: Mapping[str, Any] | None = None, asked: str = "module",
+                          compare: bool = True) -> tuple[Tensor, Tensor]:
+    """Call ``module.project_context(context)`` and check that it returns the pair ``(k, v)``, the
+    context's keys and values split into heads, each ``(B, n_head, S, d_head)``. Returns the pair.
+
+    ``compare=False`` checks only the form (a pair of tensors of the right shape).
+    """
+    fn = getattr(module, "project_context", None)
+    if not callable(fn):
+        raise AssertionError("the module has no method project_context(context) -> (k, v): write it, so that "
+                             "the keys and values of a context can be computed once and reused.")
+    B, S = context.shape[0], context.shape[1]
+    d_model = module.k.out_features if isinstance(getattr(module, "k", None), torch.nn.Linear) else None
+    if forbidden:
+        kv = check_no_delegation(fn, context, forbidden=forbidden, asked=asked)
+    else:
+        kv = _call_learner(fn, context)
+    if not (isinstance(kv, (tuple, list)) and len(kv) == 2):
+        raise AssertionError(f"project_context should return a pair (k, v) but returned {type(kv).__name__}.")
+    k, v = kv
+    want = (B, n_head, S, (d_model or 0) // n_head)
+    for name, t in (("k", k), ("v", v)):
+        hint = "the heads split: (B, n_head, S, d_head), as the queries are split in forward"
+        if isinstance(t, Tensor) and tuple(t.shape) == (B, S, d_model):
+            hint = "the keys and values must come back already split into heads, (B, n_head, S, d_head)"
+        check_shape(t, want, f"project_context(context)[{'0' if name == 'k' else '1'}] ({name})", hint=hint)
+    if compare and context.device.type != "meta":
+        with torch.no_grad():
+            rk = F.linear(context, module.k.weight, module.k.bias)
+            rv = F.linear(context, module.v.weight, module.v.bias)
+        for name, t, raw, other in (("k", k, rk, rv), ("v", v, rv, rk)):
+            if torch.allclose(t.detach(), _split(raw, n_head), atol=ATOL64, rtol=RTOL64):
+                continue
+            if torch.allclose(t.detach(), _split(other, n_head), atol=ATOL64, rtol=RTOL64):
+                why = "k and v are swapped: return (k, v), k from the k layer and v from the v layer"
+            elif torch.allclose(t.detach(), _split_wrong(raw, n_head), atol=ATOL64, rtol=RTOL64):
+                why = ("split into heads without the transpose: view(B, S, n_head, d_head).transpose(1, 2) "
+                       "-- view(B, n_head, S, d_head) mixes positions")
+            else:
+                why = f"it should be self.{name}(context) split into heads, head h taking columns h*d_head ... (h+1)*d_head - 1"
+            raise AssertionError(f"project_context(context) returns a wrong {name}, off by up to "
+                                 f"{_max_abs_diff(t, _split(raw, n_head)):.3g}: {why}.")
+        if context.requires_grad and not (k.requires_grad and v.requires_grad):
+            raise AssertionError("the k and v that project_context returns do not require grad: they were cut out of "
+                                 "the graph (torch.no_grad(), .detach()) -- computing them once is no reason to "
+                                 "stop the gradient, the encoder learns through them.")
+    return k, v
+
+
+def check_layers_not_called(module: torch.nn.Module, names: Sequence[str], fn: Callable[[], Any],
+                            why: str = "") -> Any:
+    """Call ``fn()`` and assert that none of ``module.<name>`` ran (counted with forward hooks)."""
+    calls: dict[str, int] = {n: 0 for n in names}
+    hooks = []
+    for n in names:
+        layer = getattr(module, n)
+        hooks.append(layer.register_forward_hook(lambda mod, args, out, n=n: calls.__setitem__(n, calls[n] + 1)))
+    try:
+        result = fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    ran = {n: c for n, c in calls.items() if c}
+    if ran:
+        listed = ", ".join(f"self.{n} {c} time(s)" for n, c in ran.items())
+        raise AssertionError(f"the call ran {listed}" + (f": {why}" if why else "."))
+    return result
+
+
+def check_reused_instance(module: torch.nn.Module, cases: Sequence[tuple[Any, ...]],
+                          check: Callable[..., None]) -> None:
+    """Run ``check(module, *case)`` for every case on ONE module instance.
+
+    When call i > 0 fails where a fresh copy of the module passes the same case, the module keeps
+    state from an earlier call (cached keys and values, a size, a mask), and the message says so.
+    """
+    import copy
+
+    fresh = copy.deepcopy(module)
+    for i, case in enumerate(cases):
+        try:
+            check(module, *case)
+        except AssertionError as exc:
+            if i == 0:
+                raise
+            try:
+                check(copy.deepcopy(fresh), *case)
+            except AssertionError:
+                raise exc from None
+            sizes = ", ".join(_fmt_shape(c.shape) for c in case if isinstance(c, Tensor))
+            raise AssertionError(
+                f"the same module instance fails at call {i + 1} (inputs {sizes}) although a fresh instance "
+                "passes it: the module keeps state across calls (keys and values, a size or a mask cached "
+                f"at an earlier call) -- compute everything from the current inputs. (The failure: {exc})"
+            ) from None

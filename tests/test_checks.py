@@ -255,3 +255,104 @@ def test_bias_free_modules_compare_with_torch_mha():
             return self.o(out.transpose(1, 2).reshape(B, L, D)), torch.softmax(s, -1)
 
     checks.check_matches_torch_mha(NoBias(8, 2).double(), 2, torch.randn(2, 5, 8, dtype=torch.float64))
+
+
+# --- cross_attention ---
+
+class _Cross(torch.nn.Module):
+    """A correct cross-attention module (context of its own width, kv computed once); ``flaw`` breaks it."""
+
+    def __init__(self, d, h, dc=None, bias=True, flaw=""):
+        super().__init__()
+        dc = dc or d
+        self.h, self.dh, self.flaw, self.cache = h, d // h, flaw, None
+        self.q, self.o = torch.nn.Linear(d, d, bias=bias), torch.nn.Linear(d, d, bias=bias)
+        self.k, self.v = torch.nn.Linear(dc, d, bias=bias), torch.nn.Linear(dc, d, bias=bias)
+
+    def project_context(self, c):
+        split = (lambda t: t.view(t.shape[0], self.h, t.shape[1], self.dh)) if self.flaw == "no_transpose" else \
+            (lambda t: t.unflatten(-1, (self.h, -1)).transpose(1, 2))
+        k, v = split(self.k(c)), split(self.v(c))
+        return (v, k) if self.flaw == "swapped" else (k, v)
+
+    def forward(self, x, context=None, attn_mask=None, *, kv=None):
+        if self.flaw == "cache":
+            if self.cache is None:
+                self.cache = self.project_context(context)
+            k, v = self.cache
+        else:
+            k, v = self.project_context(context) if kv is None else kv
+        if self.flaw == "recompute" and kv is not None:
+            self.k(torch.zeros(1, self.k.in_features, dtype=self.k.weight.dtype))
+        q = self.q(x).unflatten(-1, (self.h, -1)).transpose(1, 2)
+        s = q @ k.transpose(-2, -1) / math.sqrt(self.dh)
+        if attn_mask is not None:
+            m = attn_mask if self.flaw != "inverted" else ~attn_mask
+            s = s.masked_fill(~m, float("-inf"))
+        w = torch.softmax(s, -1)
+        if attn_mask is not None and self.flaw != "inverted":
+            w = w.masked_fill(~attn_mask.any(-1, keepdim=True), 0.0)
+        return self.o((w @ v).transpose(1, 2).flatten(-2)), w
+
+
+def test_cross_attention_matches_torch_with_another_context_width():
+    torch.manual_seed(0)
+    x, c = torch.randn(2, 3, 8, **f64), torch.randn(2, 5, 6, **f64)
+    pad = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    pad[1] = False
+    for module in (_Cross(8, 2, 6).double(), _Cross(8, 2, 6, bias=False).double()):
+        checks.check_matches_torch_cross_attention(module, 2, x, c)
+        checks.check_matches_torch_cross_attention(module, 2, x, c, pad, use_kv=True)
+    checks.check_matches_torch_cross_attention(_Cross(8, 2).double(), 2, x, torch.randn(2, 5, 8, **f64))
+    with pytest.raises(AssertionError, match="k should be nn.Linear\\(6, 8\\)"):
+        checks.check_matches_torch_cross_attention(_Cross(8, 2).double(), 2, x, c)
+    with pytest.raises(AssertionError, match="swapped"):
+        checks.check_matches_torch_cross_attention(_Cross(8, 2, 6, flaw="swapped").double(), 2, x, c)
+    with pytest.raises(AssertionError, match="inverted"):
+        checks.check_matches_torch_cross_attention(_Cross(8, 2, 6, flaw="inverted").double(), 2, x, c,
+                                                   torch.ones(2, 1, 1, 5, dtype=torch.bool).tril(2))
+
+
+def test_project_context_and_kv_checks_name_the_mistake():
+    c = torch.randn(2, 5, 6, **f64)
+    checks.check_project_context(_Cross(8, 2, 6).double(), 2, c)
+    with pytest.raises(AssertionError, match="without the transpose"):
+        checks.check_project_context(_Cross(8, 2, 6, flaw="no_transpose").double(), 2, c)
+    with pytest.raises(AssertionError, match="no method project_context"):
+        checks.check_project_context(torch.nn.Linear(2, 2), 2, c)
+    m = _Cross(8, 2, 6, flaw="recompute").double()
+    kv = m.project_context(c)
+    with pytest.raises(AssertionError, match="ran self.k 1 time"):
+        checks.check_layers_not_called(m, ["k", "v"], lambda: m(torch.randn(2, 1, 8, **f64), kv=kv))
+
+
+def test_call_cross_attention_reports_mutation_signature_and_state():
+    m = _Cross(8, 2, 6)
+    x, c = torch.randn(2, 3, 8), torch.randn(2, 5, 6)
+    mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    out, w = checks.call_cross_attention(m, x, c, mask, positional=True)
+    assert w.shape == (2, 2, 3, 5)
+
+    class Mutates(_Cross):
+        def forward(self, x, context=None, attn_mask=None, *, kv=None):
+            attn_mask.logical_not_().logical_not_()
+            return super().forward(x, context, attn_mask, kv=kv)
+
+    with pytest.raises(AssertionError, match="attn_mask was modified in place"):
+        checks.call_cross_attention(Mutates(8, 2, 6), x, c, mask)
+
+    class NoKv(torch.nn.Module):
+        def forward(self, x, context, attn_mask=None):
+            return x, x
+
+    with pytest.raises(AssertionError, match="keep the signature"):
+        checks.call_cross_attention(NoKv(), x, kv=(c, c))
+    with pytest.raises(AssertionError, match="keys and values from the context"):
+        checks.call_cross_attention(m, x, torch.randn(2, 5, 8))
+
+    def shapes(module, x, c):
+        assert module(x, c)[1].shape[-1] == c.shape[1], "wrong S"
+
+    checks.check_reused_instance(_Cross(8, 2, 6), [(x, c), (x, torch.randn(2, 7, 6))], shapes)
+    with pytest.raises(AssertionError, match="keeps state across calls"):
+        checks.check_reused_instance(_Cross(8, 2, 6, flaw="cache"), [(x, c), (x, torch.randn(2, 7, 6))], shapes)
