@@ -257,6 +257,28 @@ def test_bias_free_modules_compare_with_torch_mha():
     checks.check_matches_torch_mha(NoBias(8, 2).double(), 2, torch.randn(2, 5, 8, dtype=torch.float64))
 
 
+# --- multi_query_attention ---
+
+def test_check_kv_not_repeated_flags_copies_and_accepts_grouped_queries():
+    torch.manual_seed(0)
+    B, H, H_kv, L, d = 2, 6, 2, 5, 3
+    g = H // H_kv
+    q = torch.randn(B, H, L, d, dtype=torch.float64)
+    k, v = torch.randn(2, B, H_kv, L, d, dtype=torch.float64)
+    folded = lambda: torch.softmax(q.reshape(B, H_kv, g * L, d) @ k.transpose(-2, -1), -1) @ v
+    checks.check_kv_not_repeated(folded, keys=k, values=v, n_head=H)
+    checks.check_kv_not_repeated(lambda: torch.einsum("bhgld,bhsd->bhgls", q.view(B, H_kv, g, L, d), k),
+                                 keys=k, values=v, n_head=H)
+    checks.check_kv_not_repeated(lambda: F.scaled_dot_product_attention(q.reshape(B, H_kv, g * L, d), k, v),
+                                 keys=k, values=v, n_head=H)
+    for wrong in [lambda: q @ k.repeat_interleave(g, 1).transpose(-2, -1),
+                  lambda: q @ (k / 2).repeat(1, g, 1, 1).transpose(-2, -1),
+                  lambda: q.view(B, H_kv, g, L, d) @ k[:, :, None].transpose(-2, -1),
+                  lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)]:
+        with pytest.raises(AssertionError, match="K/V were repeated to H = 6 heads"):
+            checks.check_kv_not_repeated(wrong, keys=k, values=v, n_head=H)
+
+
 # --- cross_attention ---
 
 class _Cross(torch.nn.Module):
@@ -356,3 +378,116 @@ def test_call_cross_attention_reports_mutation_signature_and_state():
     checks.check_reused_instance(_Cross(8, 2, 6), [(x, c), (x, torch.randn(2, 7, 6))], shapes)
     with pytest.raises(AssertionError, match="keeps state across calls"):
         checks.check_reused_instance(_Cross(8, 2, 6, flaw="cache"), [(x, c), (x, torch.randn(2, 7, 6))], shapes)
+
+
+def test_rows_summing_to_zero_blame_the_mask_not_the_softmax_dimension():
+    s = torch.randn(1, 4, 4, dtype=torch.float64)
+    allowed = torch.ones(4, 4, dtype=torch.bool).triu(1)          # a triu mask used as the allowed one
+    w = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    with pytest.raises(AssertionError, match="triu"):
+        checks.check_rows_sum_to_one(w)
+
+
+# --- multi_head_attention ---
+
+class _GeneralMHA(nn.Module):
+    """Multi-head self-attention with head_dim independent of d_model; ``flaw`` plants one mistake."""
+
+    def __init__(self, d, h, head_dim=None, bias=True, flaw=""):
+        super().__init__()
+        self.h, self.hd, self.flaw = h, head_dim or d // h, flaw
+        inner = h * self.hd
+        self.q, self.k, self.v = (nn.Linear(d, inner, bias=bias) for _ in range(3))
+        self.o = nn.Linear(inner, d, bias=bias)
+
+    def forward(self, x, attn_mask=None):
+        split = lambda t: t.unflatten(-1, (self.h, self.hd)).transpose(1, 2)  # noqa: E731
+        mask = attn_mask
+        if mask is not None and self.flaw == "view_mask":
+            mask = mask.view(-1, 1, x.shape[1], x.shape[1])
+        if mask is not None and self.flaw == "inverted":
+            mask = ~mask
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        if self.flaw == "scale_d_model":
+            q = q * math.sqrt(self.hd) / math.sqrt(x.shape[-1])
+        a, w = good_attention(q, k, v, mask)
+        return self.o(a.transpose(1, 2).flatten(-2)), w
+
+
+def test_check_matches_mha_reference_general_head_dim_and_diagnoses():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 10, **f64)
+    heads = torch.rand(2, 4, 5, 5) > 0.5
+    heads[..., 0] = True
+    heads[1, 2, 3] = False
+    checks.check_matches_mha_reference(_GeneralMHA(10, 4, head_dim=3).double(), 4, x, heads, head_dim=3)
+    checks.check_matches_mha_reference(_GeneralMHA(10, 2, bias=False).double(), 2, x, bias=False)
+    with pytest.raises(AssertionError, match=r"q should be nn.Linear\(10, 12\)"):
+        checks.check_matches_mha_reference(_GeneralMHA(10, 2).double(), 4, x, head_dim=3)
+    with pytest.raises(AssertionError, match=r"scaled by 1/sqrt\(d_model\)"):
+        checks.check_matches_mha_reference(_GeneralMHA(8, 2, flaw="scale_d_model").double(), 2,
+                                           torch.randn(2, 5, 8, **f64))
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    with pytest.raises(AssertionError, match="mask inverted"):
+        checks.check_matches_mha_reference(_GeneralMHA(10, 2, flaw="inverted").double(), 2, x, causal)
+    pad = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    with pytest.raises(AssertionError, match="fails with a mask of shape"):
+        checks.check_matches_mha_reference(_GeneralMHA(10, 2, flaw="view_mask").double(), 2, x, pad)
+    from handson.nn import MultiHeadAttention
+
+    with pytest.raises(AssertionError, match="handson.nn.MultiHeadAttention"):
+        lib = MultiHeadAttention(10, 2).double()
+        checks.check_matches_mha_reference(lib, 2, x, causal)
+
+
+def test_loading_from_torch_mha_checks_blocks_copies_and_outputs():
+    torch.manual_seed(0)
+    src = nn.MultiheadAttention(8, 2, batch_first=False, **f64)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.normal_()
+
+    def load(mha, order=(0, 1, 2), share=False, transpose=False):
+        m = _GeneralMHA(8, 2).double()
+        with torch.no_grad():
+            blocks = mha.in_proj_weight.chunk(3)
+            for lin, i in zip((m.q, m.k, m.v), order):
+                if share:
+                    lin.weight = nn.Parameter(blocks[i])
+                else:
+                    lin.weight.copy_(blocks[i].T if transpose else blocks[i])
+            for lin, b in zip((m.q, m.k, m.v), mha.in_proj_bias.chunk(3)):
+                lin.bias.copy_(b)
+            m.o.weight.copy_(mha.out_proj.weight)
+            m.o.bias.copy_(mha.out_proj.bias)
+        return m
+
+    good = checks.check_builds(load, src, what="from_torch")
+    checks.check_same_weights_as_torch(good, src)
+    checks.check_parameters_are_copies(good, src)
+    x = torch.randn(2, 5, 8, **f64)
+    checks.check_matches_given_torch_mha(good, src, x, torch.ones(5, 5, dtype=torch.bool).tril())
+    with pytest.raises(AssertionError, match="order of the blocks"):
+        checks.check_same_weights_as_torch(load(src, order=(1, 0, 2)), src)
+    with pytest.raises(AssertionError, match="transpose"):
+        checks.check_same_weights_as_torch(load(src, transpose=True), src)
+    with pytest.raises(AssertionError, match="shares memory"):
+        checks.check_parameters_are_copies(load(src, share=True), src)
+
+    def without_no_grad(mha):
+        m = _GeneralMHA(8, 2).double()
+        m.q.weight.copy_(mha.in_proj_weight[:8])
+        return m
+
+    with pytest.raises(AssertionError, match=r"torch.no_grad\(\)"):
+        checks.check_builds(without_no_grad, src, what="from_torch")
+
+    def mutates(mha):
+        with torch.no_grad():
+            mha.out_proj.weight.mul_(1.0)
+        return load(mha)
+
+    with pytest.raises(AssertionError, match="modified its argument"):
+        checks.check_builds(mutates, src, what="from_torch")
+    with pytest.raises(AssertionError, match="dtype and device"):
+        checks.check_same_weights_as_torch(_GeneralMHA(8, 2), src)
