@@ -690,8 +690,9 @@ def check_kv_not_repeated(fn: Callable[..., Any], *args: Any, keys: Tensor, valu
     if found:
         name, shape, op = found[0]
         raise AssertionError(
-            f"K/V were repeated to H = {n_head} heads (the {name} of the {n_kv} key/value heads, "
-            f"{g} times each: a tensor of shape {_fmt_shape(shape)} was created by {op}): fold the g "
+            f"K/V were repeated to H = {n_head} heads ({name} of {n_kv} key/value "
+            f"head{'s' if n_kv > 1 else ''}, copied {g} times each: a tensor of shape {_fmt_shape(shape)} "
+            f"was created by {op}): fold the g "
             "query heads of each group into the query axis instead -- reshape q (B, H, L, d) to "
             "(B, H_kv, g * L, d) (or (B, H_kv, g, L, d) with einsum) and multiply by the un-repeated "
             "keys. repeat_kv, repeat_interleave, expand + reshape, a matmul that broadcasts a key of "
