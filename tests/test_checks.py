@@ -491,3 +491,212 @@ def test_loading_from_torch_mha_checks_blocks_copies_and_outputs():
         checks.check_builds(mutates, src, what="from_torch")
     with pytest.raises(AssertionError, match="dtype and device"):
         checks.check_same_weights_as_torch(_GeneralMHA(8, 2), src)
+
+
+# --- causal_masking ---
+
+def _tiny_causal(d=4, h=2):
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.h = h
+            for n in "qkvo":
+                setattr(self, n, nn.Linear(d, d))
+
+        def forward(self, x, attn_mask=None, *, past_kv=None, use_cache=False):
+            B, L, D = x.shape
+            split = lambda t: t.view(B, L, self.h, D // self.h).transpose(1, 2)  # noqa: E731
+            q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+            if past_kv is not None:
+                k, v = torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2)
+            S = k.shape[2]
+            mask = torch.ones(L, S, dtype=torch.bool, device=x.device).tril(S - L)
+            if attn_mask is not None:
+                mask = mask & attn_mask
+            w = torch.softmax((q @ k.transpose(-2, -1) / (D // self.h) ** 0.5).masked_fill(~mask, float("-inf")), -1)
+            w = w.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+            out = self.o((w @ v).transpose(1, 2).reshape(B, L, D))
+            return (out, w, (k, v)) if use_cache else (out, w)
+
+    torch.manual_seed(0)
+    return Tiny().double()
+
+
+def test_check_bool_mask_names_the_mistake():
+    want = torch.ones(2, 4, dtype=torch.bool).tril(2)
+    checks.check_bool_mask(want.clone(), want)
+    with pytest.raises(AssertionError, match="top-left"):
+        checks.check_bool_mask(torch.ones(2, 4, dtype=torch.bool).tril(), want,
+                               mistakes=[(torch.ones(2, 4, dtype=torch.bool).tril(), "aligned top-left")])
+    with pytest.raises(AssertionError, match="inverted"):
+        checks.check_bool_mask(~want, want)
+    with pytest.raises(AssertionError, match="torch.bool"):
+        checks.check_bool_mask(want.float(), want)
+
+
+def test_cache_matches_full_accepts_a_correct_cache_and_names_mistakes():
+    m = _tiny_causal()
+    x = torch.randn(2, 5, 4, **f64)
+    checks.check_cache_matches_full(m, x, [2, 1, 2])
+    pad = (torch.arange(5) >= torch.tensor([0, 2])[:, None])[:, None, None, :]
+    checks.check_cache_matches_full(m, x, [3, 1, 1], pad)
+    out, w, (k, v) = checks.causal_attention_reference(m, 2, x[:, 3:], past_kv=(torch.randn(2, 2, 3, 2, **f64),) * 2)
+    assert w.shape == (2, 2, 2, 5) and k.shape == (2, 2, 5, 2)
+
+    def wrong_order(x, attn_mask=None, *, past_kv=None, use_cache=False):
+        res = m(x, attn_mask, past_kv=past_kv, use_cache=use_cache)
+        if use_cache and past_kv is not None:
+            k, v = res[2]
+            S_past = past_kv[0].shape[2]
+            res = (*res[:2], (torch.cat([k[:, :, S_past:], k[:, :, :S_past]], 2), v))
+        return res
+
+    with pytest.raises(AssertionError, match="BEFORE the cached"):
+        checks.check_cache_matches_full(wrong_order, x, [2, 1, 2])
+
+    def pair_only(x, attn_mask=None, **kwargs):
+        return m(x, attn_mask)
+
+    with pytest.raises(AssertionError, match="triple"):
+        checks.check_cache_matches_full(pair_only, x, [2, 3])
+
+
+def test_packed_and_state_checks():
+    m = _tiny_causal()
+    ids = torch.tensor([[0, 0, 1, 1, 1]])
+    same = ids[..., :, None] == ids[..., None, :]
+    x = torch.randn(1, 5, 4, **f64)
+    checks.check_packed_matches_separate(m, x, ids, same[:, None])
+    with pytest.raises(AssertionError, match="other documents"):
+        checks.check_packed_matches_separate(m, x, ids, None)
+
+    class Sticky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _tiny_causal()
+            self.mask = None
+
+        def forward(self, x):
+            if self.mask is None:
+                self.mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+            return self.inner(x, self.mask)
+
+    cases = [(torch.randn(1, 3, 4, **f64),), (torch.randn(1, 5, 4, **f64),)]
+    check = lambda mod, t: checks.check_no_future_leakage(mod, t)  # noqa: E731
+    checks.check_state_free(_tiny_causal(), cases, check)
+    with pytest.raises(AssertionError, match="keeps state across calls"):
+        checks.check_state_free(Sticky(), cases, check)
+
+
+# --- self_attention ---
+
+def _sa_general(q, k, v, attn_mask=None, scale=None, need_weights=True):
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    if not need_weights:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale), None
+    s = q @ k.transpose(-2, -1) * scale
+    has = None
+    if attn_mask is not None:
+        has = attn_mask.any(-1, keepdim=True)
+        s = s.masked_fill(~attn_mask, float("-inf")).masked_fill(~has, 0.0)
+    w = torch.softmax(s, -1)
+    if has is not None:
+        w = w.masked_fill(~has, 0.0)
+    return w @ v, w
+
+
+def test_sdpa_reference_takes_float_masks():
+    t = qkv(2, 4, 3)
+    mask = torch.rand(4, 4) > 0.5
+    mask[:, 0] = True
+    fmask = torch.zeros(4, 4, **f64).masked_fill(~mask, float("-inf"))
+    out_b, w_b = checks.sdpa_reference(t["q"], t["k"], t["v"], mask)
+    out_f, w_f = checks.sdpa_reference(t["q"], t["k"], t["v"], fmask)
+    assert torch.allclose(out_b, out_f) and torch.allclose(w_b, w_f)
+
+
+def test_without_delegation_refuses_the_library_and_explains_index_errors():
+    import handson.nn as lib
+
+    t = qkv(2, 4, 3)
+    guarded = checks.without_delegation(_sa_general, asked="f")
+    guarded(t["q"], t["k"], t["v"])
+    with pytest.raises(AssertionError, match="handson.nn.attention, which this exercise asks"):
+        checks.without_delegation(lambda q, k, v: lib.attention(q, k, v), asked="f")(t["q"], t["k"], t["v"])
+    with pytest.raises(AssertionError, match="fixed number of dimensions"):
+        checks.without_delegation(lambda q, k, v: q @ k.transpose(1, 2))(torch.zeros(3, 4), torch.zeros(3, 4), None)
+    with pytest.raises(AssertionError, match="float mask"):
+        checks.without_delegation(lambda m: ~m)(torch.zeros(2))
+
+
+def test_check_mask_convention_tells_inverted_ignored_and_finite_fills_apart():
+    torch.manual_seed(0)
+    s = torch.randn(4, 5, **f64)
+    mask = torch.rand(4, 5) > 0.5
+    mask[:, 0], mask[:, 1] = True, False
+    checks.check_mask_convention(torch.softmax(s.masked_fill(~mask, float("-inf")), -1), mask)
+    with pytest.raises(AssertionError, match="inverted"):
+        checks.check_mask_convention(torch.softmax(s.masked_fill(mask, float("-inf")), -1), mask)
+    with pytest.raises(AssertionError, match="ignored, or multiplied"):
+        checks.check_mask_convention(torch.softmax(s * mask, -1), mask)
+    with pytest.raises(AssertionError, match="finite value"):
+        checks.check_mask_convention(torch.softmax(s.masked_fill(~mask, -30.0), -1), mask)
+
+
+def test_check_fully_masked_rows_names_nan_and_uniform_rows():
+    t = qkv(1, 3, 2)
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    mask[1] = False
+    out, w = _sa_general(t["q"], t["k"], t["v"], mask)
+    checks.check_fully_masked_rows(out, w, mask)
+    s = (t["q"] @ t["k"].transpose(-2, -1)).masked_fill(~mask, float("-inf"))
+    w_nan = torch.softmax(s, -1)
+    with pytest.raises(AssertionError, match="hold NaN"):
+        checks.check_fully_masked_rows(w_nan @ t["v"], w_nan, mask)
+    w_uni = torch.softmax(s.clamp_min(torch.finfo(s.dtype).min), -1)
+    with pytest.raises(AssertionError, match="uniform average"):
+        checks.check_fully_masked_rows(w_uni @ t["v"], w_uni, mask)
+
+
+def test_check_backward_finite_finds_the_nan_that_zeroing_hides():
+    t = {n: x.requires_grad_() for n, x in qkv(1, 3, 2).items()}
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    mask[1] = False
+    checks.check_backward_finite(lambda: _sa_general(t["q"], t["k"], t["v"], mask)[0].sum(), t)
+
+    def zero_after(q, k, v):
+        w = torch.softmax((q @ k.transpose(-2, -1)).masked_fill(~mask, float("-inf")), -1)
+        return w.masked_fill(~mask.any(-1, keepdim=True), 0.0) @ v
+
+    t = {n: x.detach().clone().requires_grad_() for n, x in t.items()}
+    with pytest.raises(AssertionError, match="leaves that NaN in the graph"):
+        checks.check_backward_finite(lambda: zero_after(t["q"], t["k"], t["v"]).sum(), t)
+
+
+def test_check_not_materialised_accepts_sdpa_and_refuses_explicit_scores():
+    t = qkv(2, 3, 4, 8)
+    t["k"] = torch.randn(2, 3, 6, 8, **f64)
+    t["v"] = torch.randn(2, 3, 6, 5, **f64)
+    out, none = checks.check_not_materialised(_sa_general, t["q"], t["k"], t["v"], need_weights=False,
+                                              scores_shape=(2, 3, 4, 6))
+    assert none is None
+    with pytest.raises(AssertionError, match=r"scores' shape \(2, 3, 4, 6\) was materialised"):
+        checks.check_not_materialised(_sa_general, t["q"], t["k"], t["v"], scores_shape=(2, 3, 4, 6))
+    with pytest.raises(AssertionError, match="materialised"):
+        checks.check_not_materialised(lambda q, k: torch.einsum("...ld,...sd->...ls", q, k), t["q"], t["k"],
+                                      scores_shape=(2, 3, 4, 6))
+
+
+def test_check_raises_and_weights_hints():
+    def refuses(m):
+        raise TypeError("no")
+
+    checks.check_raises(TypeError, refuses, 1)
+    with pytest.raises(AssertionError, match="returned normally"):
+        checks.check_raises(TypeError, lambda m: None, 1)
+    with pytest.raises(AssertionError, match="raised ValueError"):
+        checks.check_raises(TypeError, lambda m: int("x"), 1)
+    unscaled = lambda q, k, v, scale=None: _sa_general(q, k, v)  # noqa: E731
+    with pytest.raises(AssertionError, match="my hint"):
+        checks.check_matches_reference(unscaled, checks.sdpa_reference, qkv(2, 4, 3), extra={"scale": 0.2},
+                                       weights_hint="my hint")
