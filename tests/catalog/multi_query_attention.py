@@ -352,8 +352,9 @@ class GroupedQueryAttention'''),
     MQA: _CHAPTER_MQA,
 }
 
-# The causal-masking exercise's solution (CausalSelfAttention), minimally adapted: K/V projected to
-# n_kv_head heads and repeated with repeat_kv, the causal mask made optional, the new signature.
+# The causal-masking exercise's solution (CausalSelfAttention, with its KV cache, as committed in 060b1d0),
+# minimally adapted: K/V projected to n_kv_head heads and repeated with repeat_kv, the causal mask made
+# optional, the new signature.
 PREVIOUS_AS_ANSWER = {
     REP: _CHAPTER_REPEAT_KV,
     GQA: '''from handson.nn import causal_mask
@@ -371,19 +372,25 @@ class GroupedQueryAttention(nn.Module):
         self.v = nn.Linear(d_model, n_kv_head * self.d_head, bias=bias)
         self.o = nn.Linear(d_model, d_model, bias=bias)
 
-    def forward(self, x, attn_mask=None):
+    def forward(self, x, attn_mask=None, *, past_kv=None, use_cache=False):
         B, L, _ = x.shape
 
         def split(t, n):  # (B, L, n * d_head) -> (B, n, L, d_head)
             return t.view(B, L, n, self.d_head).transpose(1, 2)
 
-        q = split(self.q(x), self.n_head)
+        q, k, v = split(self.q(x), self.n_head), split(self.k(x), self.n_kv_head), split(self.v(x), self.n_kv_head)
+        if past_kv is not None:
+            past_k, past_v = past_kv
+            k = torch.cat([past_k, k], dim=2)      # the cached keys first: positions 0 .. S_past - 1
+            v = torch.cat([past_v, v], dim=2)
+        present = (k, v)
         g = self.n_head // self.n_kv_head
-        k, v = repeat_kv(split(self.k(x), self.n_kv_head), g), repeat_kv(split(self.v(x), self.n_kv_head), g)
+        k, v = repeat_kv(k, g), repeat_kv(v, g)
+        S = k.size(2)
         if self.causal:
-            mask = causal_mask(L, device=x.device)
+            mask = causal_mask(L, S, device=x.device)  # bottom-right: query i is position i + S - L
         else:
-            mask = torch.ones(L, L, dtype=torch.bool, device=x.device)
+            mask = torch.ones(L, S, dtype=torch.bool, device=x.device)
         if attn_mask is not None:
             mask = mask & attn_mask  # a new tensor: the caller's mask is left alone
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)
@@ -391,8 +398,10 @@ class GroupedQueryAttention(nn.Module):
         weights = torch.softmax(scores, dim=-1)
         no_key = ~mask.any(dim=-1, keepdim=True)  # queries that may attend nothing: NaN rows
         weights = weights.masked_fill(no_key, 0.0)
-        out = (weights @ v).transpose(1, 2).reshape(B, L, self.d_model)
-        return self.o(out), weights
+        out = self.o((weights @ v).transpose(1, 2).reshape(B, L, self.d_model))
+        if use_cache:
+            return out, weights, present
+        return out, weights
 
     @classmethod
     def from_mha(cls, mha, n_kv_head, causal=True):
