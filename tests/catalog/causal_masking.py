@@ -380,36 +380,38 @@ class CausalSelfAttention(nn.Module):
 ''',
 }
 
-# Exercise 3 (cross-attention), as committed, with context = x and a tril mask ANDed in; the
+# Exercise 3 (cross-attention), as committed, with the context = x and a tril mask ANDed in; the
 # previous exercise has no mask function, so causal_mask is left blank.
 PREVIOUS_AS_ANSWER = {
     MOD: '''class CausalSelfAttention(nn.Module):
-    """Multi-head cross-attention: queries from x, keys and values from context."""
+    """Multi-head cross-attention: queries from x, keys and values from a context of width d_context."""
 
-    def __init__(self, d_model, n_head):
+    def __init__(self, d_model, n_head, d_context=None):
         super().__init__()
         if d_model % n_head != 0:
             raise ValueError(f"n_head={n_head} does not divide d_model={d_model}")
+        d_context = d_model if d_context is None else d_context
         self.d_model, self.n_head, self.d_head = d_model, n_head, d_model // n_head
         self.q = nn.Linear(d_model, d_model)
-        self.k = nn.Linear(d_model, d_model)
-        self.v = nn.Linear(d_model, d_model)
+        self.k = nn.Linear(d_context, d_model)
+        self.v = nn.Linear(d_context, d_model)
         self.o = nn.Linear(d_model, d_model)
 
+    def project_context(self, context):
+        """context: (B, S, d_context) -> (k, v), each (B, n_head, S, d_head), the heads split."""
+        B, S, _ = context.shape
+        k = self.k(context).view(B, S, self.n_head, self.d_head).transpose(1, 2)
+        v = self.v(context).view(B, S, self.n_head, self.d_head).transpose(1, 2)
+        return k, v
+
     def forward(self, x, attn_mask=None, *, past_kv=None, use_cache=False):
-        context = x
-        B, L, _ = x.shape
-        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        context, kv = x, None
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
         attn_mask = causal if attn_mask is None else causal & attn_mask
-        H, d_head = self.n_head, self.d_head
-
-        def split(t):  # (B, N, d_model) -> (B, H, N, d_head)
-            return t.view(t.shape[0], t.shape[1], H, d_head).transpose(1, 2)
-
-        q = split(self.q(x))              # queries from the target
-        k = split(self.k(context))        # keys and values from the context
-        v = split(self.v(context))
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(d_head)       # (B, H, L, S)
+        k, v = self.project_context(context) if kv is None else kv
+        B, L, _ = x.shape
+        q = self.q(x).view(B, L, self.n_head, self.d_head).transpose(1, 2)     # (B, H, L, d_head)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)          # (B, H, L, S)
         if attn_mask is not None:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         weights = torch.softmax(scores, dim=-1)
