@@ -95,6 +95,9 @@ def grade(cells: list[dict], answers: dict[str, str]) -> dict[str, dict]:
 
 
 def main(argv: list[str]) -> int:
+    import torch
+
+    torch.set_num_threads(1)  # several assignments are graded side by side, one core each
     assignment, subs_path = argv
     submissions = json.loads(Path(subs_path).read_text())
     cells = source_cells(assignment)

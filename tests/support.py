@@ -132,49 +132,44 @@ def blank_cells(assignment: str) -> dict[str, str]:
 
 def grade_in_process(assignment: str, submissions: dict[str, dict[str, str]], tmp: Path) -> dict:
     """Grade {name: answers} with tests/inprocess.py in one fresh Python process."""
+    return grade_in_process_many({assignment: submissions}, tmp, jobs=1)[assignment]
+
+
+def grade_in_process_many(work: dict[str, dict[str, dict[str, str]]], tmp: Path,
+                          jobs: int | None = None) -> dict[str, dict]:
+    """Grade {assignment: {name: answers}}: one fresh process per assignment, ``jobs`` at a time.
+
+    Each process runs torch on one thread, so that ``jobs`` processes share the cores instead of
+    competing for them.
+    """
     import json
+    import os
     import subprocess
     import sys
+    import time
 
-    path = tmp / f"{assignment}-submissions.json"
-    path.write_text(json.dumps(submissions))
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("inprocess.py")), assignment,
-                           str(path)], capture_output=True, text=True, cwd=ROOT, timeout=1800)
-    if proc.returncode:
-        raise AssertionError(f"in-process grading of {assignment} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout)
-
-
-def make_course(tmp: Path, assignment_ids: list[str]) -> Path:
-    """A course directory with this repo's config, solutions and releases for the given ids."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "nbgrader_config.py", tmp / "nbgrader_config.py")
-    for a in assignment_ids:
-        shutil.copytree(ROOT / "solutions" / a, tmp / "solutions" / a)
-        shutil.copytree(ROOT / "exercises" / a, tmp / "exercises" / a)
-    return tmp
-
-
-def submit(course: Path, student: str, assignment: str, nb: nbformat.NotebookNode | bytes | str,
-           name: str | None = None) -> Path:
-    folder = course / "submitted" / student / assignment
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / (name or notebook_name(assignment))
-    if isinstance(nb, (bytes, str)):
-        path.write_bytes(nb.encode() if isinstance(nb, str) else nb)
-    else:
-        nbformat.write(nb, str(path))
-    return path
-
-
-def cell_scores(course: Path, assignment: str, student: str) -> dict[str, tuple[float, float]]:
-    """grade_id -> (score, max_score) of every test cell of one graded submission."""
-    from nbgrader.api import Gradebook
-
-    out = {}
-    with Gradebook("sqlite:///" + str(course / "gradebook.db")) as gb:
-        sub = gb.find_submission(assignment, student)
-        for nb in sub.notebooks:
-            for g in nb.grades:
-                out[g.name] = (float(g.score), float(g.max_score))
-    return out
+    jobs = jobs or max(1, min(len(work), os.cpu_count() or 1))
+    script = str(Path(__file__).with_name("inprocess.py"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    pending = list(work)
+    running: dict[str, tuple[subprocess.Popen, Path, Path]] = {}
+    results: dict[str, dict] = {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            a = pending.pop(0)
+            subs, out = tmp / f"{a}-submissions.json", tmp / f"{a}-results.json"
+            subs.write_text(json.dumps(work[a]))
+            with open(out, "w") as fh:
+                proc = subprocess.Popen([sys.executable, script, a, str(subs)], stdout=fh,
+                                        stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+            running[a] = (proc, subs, out)
+        for a, (proc, _, out) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            err = proc.stderr.read() if proc.stderr else ""
+            del running[a]
+            if proc.returncode:
+                raise AssertionError(f"in-process grading of {a} failed:\n{err[-3000:]}")
+            results[a] = json.loads(out.read_text())
+        time.sleep(0.05)
+    return results

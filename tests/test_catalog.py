@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from support import (assignments, blank_cells, grade_in_process, load_catalog, load_controls,
+from support import (assignments, blank_cells, grade_in_process_many, load_catalog, load_controls,
                      solution_cells, transcriptions)
 
 MIN_CONTROLS = 3
@@ -22,17 +22,29 @@ def _name(kind: str, name: str) -> str:
     return f"{kind}-{name.replace('_', '-')}"
 
 
-@pytest.fixture(scope="module", params=assignments())
-def proven(request, tmp_path_factory):
-    a = request.param
-    bugs, controls = load_catalog(a), load_controls(a)
+def _submissions(a: str) -> dict[str, dict[str, str]]:
     subs = {"solution": solution_cells(a), "blank": blank_cells(a)}
-    subs.update({_name("bug", b.name): b.answers(a) for b in bugs})
-    subs.update({_name("control", c.name): c.answers(a) for c in controls})
+    subs.update({_name("bug", b.name): b.answers(a) for b in load_catalog(a)})
+    subs.update({_name("control", c.name): c.answers(a) for c in load_controls(a)})
     for kind, answers in transcriptions(a).items():
         if answers:
             subs[f"transcription-{kind}"] = {**blank_cells(a), **answers}
-    return a, bugs, controls, grade_in_process(a, subs, tmp_path_factory.mktemp(a))
+    return subs
+
+
+@pytest.fixture(scope="session")
+def graded_catalogs(request, tmp_path_factory):
+    """Every selected assignment's catalog, graded in parallel: one process per assignment."""
+    wanted = {item.callspec.params["proven"] for item in request.session.items
+              if hasattr(item, "callspec") and "proven" in item.callspec.params}
+    work = {a: _submissions(a) for a in sorted(wanted)}
+    return grade_in_process_many(work, tmp_path_factory.mktemp("catalogs"))
+
+
+@pytest.fixture(scope="module", params=assignments())
+def proven(request, graded_catalogs):
+    a = request.param
+    return a, load_catalog(a), load_controls(a), graded_catalogs[a]
 
 
 def _total(cells: dict) -> tuple[float, float]:
