@@ -130,6 +130,41 @@ def blank_cells(assignment: str) -> dict[str, str]:
     return out
 
 
+def make_course(tmp: Path, assignment_ids: list[str]) -> Path:
+    """A course directory with this repo's config, solutions and releases for the given ids."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "nbgrader_config.py", tmp / "nbgrader_config.py")
+    for a in assignment_ids:
+        shutil.copytree(ROOT / "solutions" / a, tmp / "solutions" / a)
+        shutil.copytree(ROOT / "exercises" / a, tmp / "exercises" / a)
+    return tmp
+
+
+def submit(course: Path, student: str, assignment: str, nb: nbformat.NotebookNode | bytes | str,
+           name: str | None = None) -> Path:
+    folder = course / "submitted" / student / assignment
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (name or notebook_name(assignment))
+    if isinstance(nb, (bytes, str)):
+        path.write_bytes(nb.encode() if isinstance(nb, str) else nb)
+    else:
+        nbformat.write(nb, str(path))
+    return path
+
+
+def cell_scores(course: Path, assignment: str, student: str) -> dict[str, tuple[float, float]]:
+    """grade_id -> (score, max_score) of every test cell of one graded submission."""
+    from nbgrader.api import Gradebook
+
+    out = {}
+    with Gradebook("sqlite:///" + str(course / "gradebook.db")) as gb:
+        sub = gb.find_submission(assignment, student)
+        for nb in sub.notebooks:
+            for g in nb.grades:
+                out[g.name] = (float(g.score), float(g.max_score))
+    return out
+
+
 def grade_in_process(assignment: str, submissions: dict[str, dict[str, str]], tmp: Path) -> dict:
     """Grade {name: answers} with tests/inprocess.py in one fresh Python process."""
     return grade_in_process_many({assignment: submissions}, tmp, jobs=1)[assignment]
