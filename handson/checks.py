@@ -1667,32 +1667,8 @@ def check_cache_matches_full(module: torch.nn.Module, x: Tensor, chunks: Sequenc
             past, a = present, b
 
 
-def check_state_free(module: torch.nn.Module, cases: Sequence[tuple[Any, ...]],
-                     check: Callable[..., None]) -> None:
-    """Run ``check(module, *case)`` for every case on ONE module instance.
-
-    When a later call fails where a fresh copy of the module (taken before the first call) passes the
-    same case, the module keeps state across calls, and the message says so.
-    """
-    import copy
-
-    pristine = copy.deepcopy(module)
-    for i, case in enumerate(cases):
-        try:
-            check(module, *case)
-        except AssertionError as exc:
-            if i == 0:
-                raise
-            try:
-                check(copy.deepcopy(pristine), *case)
-            except AssertionError:
-                raise exc from None
-            sizes = ", ".join(_fmt_shape(c.shape) for c in case if isinstance(c, Tensor))
-            raise AssertionError(
-                f"the same module instance fails at call {i + 1} (inputs {sizes}) although a fresh instance "
-                "passes it: the module keeps state across calls (a mask, a size or keys and values stored on "
-                f"self at an earlier call) -- compute everything from the current inputs. (The failure: {exc})"
-            ) from None
+#: The causal-masking exercise's name for the same check.
+check_state_free = check_reused_instance
 
 
 def _runs(ids: Tensor) -> list[tuple[int, int]]:

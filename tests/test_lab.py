@@ -31,6 +31,8 @@ INSTRUCTOR_SERVER_EXTENSIONS = ("nbgrader.server_extensions.formgrader", "nbgrad
 INSTRUCTOR_LAB_PLUGINS = ("@jupyter/nbgrader:formgrader", "@jupyter/nbgrader:create-assignment",
                           "@jupyter/nbgrader:course-list", "@jupyter/nbgrader:assignment-list",
                           "@jupyter/nbgrader:menu")
+#: JupyterLab's news pop-up would reach for the network, which a learner's machine may not have.
+NETWORK_LAB_PLUGINS = ("@jupyterlab/apputils-extension:announcements",)
 
 
 def load_launch():
@@ -171,7 +173,7 @@ def test_learner_config_names_extensions_that_exist():
     for module in server:
         assert importlib.util.find_spec(module) is not None, module
     lab = json.loads((CONFIG / "labconfig" / "page_config.json").read_text())["disabledExtensions"]
-    assert set(lab) == set(INSTRUCTOR_LAB_PLUGINS) and all(lab.values())
+    assert set(lab) == set(INSTRUCTOR_LAB_PLUGINS) | set(NETWORK_LAB_PLUGINS) and all(lab.values())
     from jupyter_core.paths import jupyter_path
 
     bundles = [p for d in jupyter_path("labextensions") for p in (Path(d) / "@jupyter" / "nbgrader").glob("static/*.js")]
@@ -180,3 +182,7 @@ def test_learner_config_names_extensions_that_exist():
     code = "".join(p.read_text(errors="replace") for p in bundles)
     for plugin in (*INSTRUCTOR_LAB_PLUGINS, "@jupyter/nbgrader:validate-assignment"):
         assert f'"{plugin}"' in code, f"nbgrader has no JupyterLab plugin {plugin}"
+    core = "".join(p.read_text(errors="replace") for d in jupyter_path("lab")
+                   for p in (Path(d) / "static").glob("*.js"))
+    for plugin in NETWORK_LAB_PLUGINS:
+        assert plugin in core, f"JupyterLab has no plugin {plugin}"
