@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: help install book lab exercises autograde feedback report export run library collect test clean
+.PHONY: help install book lab exercises autograde feedback report export run library collect bench test clean
 
 help:
 	@echo "make book       build the book into _build/html (warnings are errors)"
@@ -17,6 +17,7 @@ help:
 	@echo "make collect ASSIGNMENT=<a> ZIP=<file.zip>   import submissions downloaded from an LMS"
 	@echo "make run NB=book/<id>.ipynb   re-execute a chapter, storing clean outputs (and the library)"
 	@echo "make library   write handson/nn/<id>.py from the chapters' cells tagged export"
+	@echo "make bench      time every chapter and solution notebook against its budget"
 	@echo "make test       run every check CI runs"
 
 $(STAMP): requirements.txt pyproject.toml
@@ -58,6 +59,9 @@ library: $(STAMP)
 
 export: $(STAMP)
 	$(PY) -m handson.grading export
+
+bench: $(STAMP)
+	$(PY) tests/bench.py
 
 # Everything CI runs: unit tests, the release check, the solutions, the autograder pipeline with
 # the catalog of buggy submissions, nbval over the chapters, and the book build (which must work offline).
