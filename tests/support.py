@@ -104,6 +104,25 @@ def load_controls(assignment: str) -> list[Bug]:
     return list(getattr(mod, "CONTROLS", []))
 
 
+def chapter_code(chapter: str, *names: str, edits: list[tuple[str, str]] | tuple = ()) -> str:
+    """The source of ``names`` in the library module of ``chapter`` (the chapter's export cells).
+
+    A transcription built from this follows the chapter when the chapter changes. ``edits`` adapt it
+    to the exercise's names and signatures; each must apply, or the catalog is out of date.
+    """
+    import importlib
+    import inspect
+
+    mod = importlib.import_module(f"handson.nn.{chapter}")
+    src = "\n\n".join(inspect.getsource(getattr(mod, n)) for n in names)
+    for old, new in edits:
+        if old not in src:
+            raise AssertionError(f"chapter_code({chapter!r}): {old!r} is not in the chapter's code; "
+                                 "the catalog's transcription is out of date")
+        src = src.replace(old, new, 1)
+    return src
+
+
 def transcriptions(assignment: str) -> dict[str, dict[str, str]]:
     """Answers that merely transcribe earlier material, each {grade_id: source}.
 

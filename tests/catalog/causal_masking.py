@@ -1,7 +1,7 @@
 """Plausible mistakes in the causal-masking exercise, each one a small edit of the solution;
 correct answers in other styles (controls); and the chapter's own code as the answer."""
 
-from support import bug, control, solution_cells
+from support import bug, control, solution_cells, chapter_code
 
 MASK, WIN, DOC, MOD = "causal_mask", "sliding_window_mask", "document_causal_mask", "causal_self_attention"
 CACHE_CAT = ("            k = torch.cat([past_k, k], dim=2)      # the cached keys first: positions 0 .. S_past - 1\n"
@@ -328,12 +328,9 @@ CONTROLS = [
 
 # --- transcriptions: the chapter's code, and the previous exercise's solution, as the answer ------
 CHAPTER_AS_ANSWER = {
-    MASK: '''def causal_mask(n_queries, n_keys=None, device=None):
-    """Causal mask (L, S), bool, True = may attend, aligned at the bottom right."""
-    L, S = n_queries, n_keys
-    S = L if S is None else S
-    return torch.ones(L, S, dtype=torch.bool, device=device).tril(S - L)
-''',
+    MASK: chapter_code("causal_masking", "causal_mask", edits=[
+        ("def causal_mask(L, S=None, *, device=None):",
+         "def causal_mask(n_queries, n_keys=None, device=None):\n    L, S = n_queries, n_keys")]),
     MOD: '''from handson.nn import merge_heads, split_heads
 
 

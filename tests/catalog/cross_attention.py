@@ -1,7 +1,7 @@
 """Plausible mistakes in the cross-attention exercise, each one a small edit of the solution; correct
 answers in other styles (controls); and the chapter's and the previous exercise's code as answers."""
 
-from support import bug, control, solution_cells
+from support import bug, control, solution_cells, chapter_code
 
 CA = "cross_attention"
 MASK_FILL = 'scores = scores.masked_fill(~attn_mask, float("-inf"))'
@@ -196,30 +196,21 @@ CONTROLS = [
             "d_context defaulted with `or`, two separate ValueErrors, an explicit branch for kv"),
 ]
 
-CHAPTER_AS_ANSWER = {CA: '''from handson.nn.multi_head_attention import attention
-
-
-class CrossAttention(nn.Module):
-    """Single-head cross-attention: queries from x, keys and values from context."""
-
-    def __init__(self, d_model, n_head, d_context=None):
-        super().__init__()
-        d_context = d_model if d_context is None else d_context    # the chapter's "the fix would be"
-        self.q = nn.Linear(d_model, d_model)
-        self.k = nn.Linear(d_context, d_model)
-        self.v = nn.Linear(d_context, d_model)
-        self.o = nn.Linear(d_model, d_model)
-
-    def project_context(self, context):
-        # the chapter's "K and V once" cell
-        return self.k(context).unsqueeze(1), self.v(context).unsqueeze(1)
-
-    def forward(self, x, context=None, attn_mask=None, *, kv=None):
-        q = self.q(x).unsqueeze(1)              # (B, 1, L, d_model): one head
-        k, v = self.project_context(context) if kv is None else kv
-        out, weights = attention(q, k, v, attn_mask)
-        return self.o(out.squeeze(1)), weights
-'''}
+CHAPTER_AS_ANSWER = {CA: "from handson.nn.multi_head_attention import attention\n\n\n" + chapter_code(
+    "cross_attention", "CrossAttention", edits=[
+        ("    def __init__(self, d_model):\n        super().__init__()\n",
+         "    def __init__(self, d_model, n_head, d_context=None):\n        super().__init__()\n"
+         "        d_context = d_model if d_context is None else d_context    # the chapter's \"the fix would be\"\n"),
+        ("self.k = nn.Linear(d_model, d_model)", "self.k = nn.Linear(d_context, d_model)"),
+        ("self.v = nn.Linear(d_model, d_model)", "self.v = nn.Linear(d_context, d_model)"),
+        ("    def forward(self, x, context, attn_mask=None):",
+         "    def project_context(self, context):  # the chapter's \"K and V once\" cell\n"
+         "        return self.k(context).unsqueeze(1), self.v(context).unsqueeze(1)\n\n"
+         "    def forward(self, x, context=None, attn_mask=None, *, kv=None):"),
+        ("        k = self.k(context).unsqueeze(1)        # (B, 1, S, d_model)\n"
+         "        v = self.v(context).unsqueeze(1)        # (B, 1, S, d_model)\n",
+         "        k, v = self.project_context(context) if kv is None else kv\n"),
+    ])}
 
 # The multi-head attention exercise's solution (HEAD when this catalog was written), taking a context.
 PREVIOUS_AS_ANSWER = {CA: '''def split_heads(x, n_head):

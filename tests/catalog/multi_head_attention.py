@@ -1,7 +1,7 @@
 """Plausible mistakes in the multi-head attention exercise, each one a small edit of the solution;
 correct answers in other styles (controls); and the chapter's code pasted as the answer."""
 
-from support import bug, control
+from support import bug, control, chapter_code
 
 HEADS, MHA = "heads", "mha"
 
@@ -284,56 +284,12 @@ CONTROLS = [
 # The chapter's code, pasted into the answer cells: its split_heads / merge_heads (book cell 20), its
 # attention and MultiHeadAttention(d_model, n_head) (book cells 23 and 22), which takes no head_dim or
 # bias, raises no ValueError, leaves NaN in empty rows and has no from_torch / to_torch.
-CHAPTER_HEADS = '''
-def split_heads(t, n_head):
-    """(..., L, n_head * d_head) -> (..., n_head, L, d_head): head h takes columns h*d_head ... (h+1)*d_head - 1."""
-    return t.unflatten(-1, (n_head, -1)).transpose(-3, -2)
-
-
-def merge_heads(t):
-    """(..., n_head, L, d_head) -> (..., L, n_head * d_head), the inverse of split_heads."""
-    return t.transpose(-3, -2).flatten(-2)
-'''
-
-CHAPTER_MODULE = '''
-class MultiHeadAttention(nn.Module):
-    """Multi-head self-attention: x (B, L, d_model) -> (out (B, L, d_model), weights (B, H, L, L))."""
-
-    def __init__(self, d_model, n_head):
-        super().__init__()
-        self.n_head = n_head
-        self.d_head = d_model // n_head
-        self.q = nn.Linear(d_model, d_model)
-        self.k = nn.Linear(d_model, d_model)
-        self.v = nn.Linear(d_model, d_model)
-        self.o = nn.Linear(d_model, d_model)
-
-    def split_heads(self, t):
-        return split_heads(t, self.n_head)
-
-    def merge_heads(self, t):
-        return merge_heads(t)
-
-    def forward(self, x, attn_mask=None):
-        q = self.split_heads(self.q(x))
-        k = self.split_heads(self.k(x))
-        v = self.split_heads(self.v(x))
-        out, weights = attention(q, k, v, attn_mask)
-        return self.o(self.merge_heads(out)), weights
-'''
+CHAPTER_HEADS = chapter_code("multi_head_attention", "split_heads", "merge_heads")
+CHAPTER_MODULE = "\n\n" + chapter_code("multi_head_attention", "MultiHeadAttention")
 
 CHAPTER_AS_ANSWER = {
     HEADS: CHAPTER_HEADS,
-    MHA: '''
-def attention(q, k, v, attn_mask=None, scale=None):
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.size(-1))
-    scores = (q @ k.transpose(-2, -1)) * scale
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    return weights @ v, weights
-''' + CHAPTER_MODULE,
+    MHA: chapter_code("multi_head_attention", "attention") + CHAPTER_MODULE,
 }
 
 # Exercise 1's solution (solutions/self_attention: scaled_dot_product_attention, which zeroes the rows

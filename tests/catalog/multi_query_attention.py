@@ -2,7 +2,7 @@
 solution; correct answers in other styles (CONTROLS); and the chapter's code (and the causal-masking
 exercise's solution) pasted as answers, which must score at most a third."""
 
-from support import bug, control
+from support import bug, control, chapter_code
 
 REP, GQA, MQA = "repeat_kv", "gqa", "mqa"
 
@@ -273,13 +273,7 @@ CONTROLS = [
 # The chapter's code pasted into the answer cells: its repeat_kv, its GroupedQueryAttention (no mask,
 # not causal, repeating K/V; the signature adapted), its mha_to_gqa as from_mha, and multi-query
 # attention as the chapter builds it (GroupedQueryAttention with n_kv_head=1).
-_CHAPTER_REPEAT_KV = '''def repeat_kv(x, n_rep):
-    """(B, H_kv, L, d) -> (B, H_kv * n_rep, L, d); head j is repeated at positions j*n_rep ... j*n_rep + n_rep - 1."""
-    B, n_kv, L, d = x.shape
-    if n_rep == 1:
-        return x
-    return x[:, :, None, :, :].expand(B, n_kv, n_rep, L, d).reshape(B, n_kv * n_rep, L, d)
-'''
+_CHAPTER_REPEAT_KV = chapter_code("multi_query_attention", "repeat_kv")
 _CHAPTER_GQA = '''from handson.nn.multi_head_attention import merge_heads, split_heads
 from handson.nn.self_attention import scaled_dot_product_attention
 

@@ -1,7 +1,7 @@
 """Plausible mistakes in the self-attention exercise, each one a small edit of the solution; correct
 answers in other styles (controls); and the chapter's own code pasted as the answer."""
 
-from support import bug, control
+from support import bug, control, chapter_code
 
 SDPA, MOD = "sdpa", "self_attention"
 
@@ -222,33 +222,9 @@ CONTROLS = [
 
 # The chapter's own code (book/self_attention.ipynb), adapted only to the exercise's signatures.
 CHAPTER_AS_ANSWER = {
-    SDPA: '''def scaled_dot_product_attention(q, k, v, attn_mask=None, scale=None, need_weights=True):
-    """Scaled dot-product attention.
-
-    q: (..., L, d_k), k: (..., S, d_k), v: (..., S, d_v).
-    attn_mask: optional bool tensor broadcastable to (..., L, S); True = may attend.
-    Returns (out, weights) with shapes (..., L, d_v) and (..., L, S).
-    """
-    scale = 1.0 / math.sqrt(q.size(-1))
-    scores = (q @ k.transpose(-2, -1)) * scale            # (..., L, S)
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    weights = torch.softmax(scores, dim=-1)               # each row sums to 1
-    return weights @ v, weights
-''',
-    MOD: '''class SelfAttention(nn.Module):
-    """Single-head self-attention: x -> o(attention(q(x), k(x), v(x)))."""
-
-    def __init__(self, d_model, bias=True):
-        super().__init__()
-        self.q = nn.Linear(d_model, d_model)
-        self.k = nn.Linear(d_model, d_model)
-        self.v = nn.Linear(d_model, d_model)
-        self.o = nn.Linear(d_model, d_model)
-
-    def forward(self, x, attn_mask=None):
-        """x: (..., L, d_model); attn_mask: bool, broadcastable to (..., L, L), True = may attend."""
-        out, weights = scaled_dot_product_attention(self.q(x), self.k(x), self.v(x), attn_mask)
-        return self.o(out), weights
-''',
+    SDPA: chapter_code("self_attention", "scaled_dot_product_attention", edits=[(
+        "def scaled_dot_product_attention(q, k, v, attn_mask=None):",
+        "def scaled_dot_product_attention(q, k, v, attn_mask=None, scale=None, need_weights=True):")]),
+    MOD: chapter_code("self_attention", "SelfAttention", edits=[
+        ("def __init__(self, d_model):", "def __init__(self, d_model, bias=True):")]),
 }
