@@ -45,8 +45,16 @@ WATCHED = [
     "builtins:zip", "builtins:dict", "builtins:list", "builtins:str", "builtins:max", "builtins:min",
     "builtins:__import__", "builtins:repr",
 ]
+def _exercise_check_modules() -> list[str]:
+    """``handson.exercise_checks.<assignment>`` for every module of that package (none imported)."""
+    import pkgutil
+    from pathlib import Path
+    pkg = Path(__file__).resolve().parents[1] / "exercise_checks"
+    return sorted(f"handson.exercise_checks.{m.name}" for m in pkgutil.iter_modules([str(pkg)]))
+
+
 #: Modules whose every function (public or private) is watched.
-WATCHED_MODULES = ["handson.checks"]
+WATCHED_MODULES = ["handson.checks", *_exercise_check_modules()]
 
 PROBE_SOURCE = r'''
 def __handson_probe(watched, modules):
@@ -125,7 +133,7 @@ def reference_fingerprints() -> dict[str, str]:
 
 def _take_reference() -> dict[str, str]:
     code = ("import torch, torch.nn, torch.nn.functional, torch.testing, torch.autograd, builtins\n"
-            "import handson.checks\n"
+            + "".join(f"import {m}\n" for m in WATCHED_MODULES) +
             "torch.manual_seed(0)  # wraps itself on first use\n" + probe_code() + "\nprint(__handson_probe_result)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          check=True)
