@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
+# make test runs its suites on this many workers (the heavy fixtures each stay on one worker).
+JOBS ?= 2
 
 .PHONY: help install book lab exercises autograde feedback report export run library collect bench test clean
 
@@ -67,8 +69,8 @@ bench: $(STAMP)
 # the catalog of buggy submissions, nbval over the chapters, and the book build (which must work offline).
 test: $(STAMP)
 	$(PY) -m handson.nbtools library --check
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
-	$(PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env \
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -n $(JOBS) --dist loadgroup tests
+	$(PY) -m pytest -q -p no:cacheprovider -n $(JOBS) --dist loadfile --nbval --nbval-current-env \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg book
 	$(VENV)/bin/jupyter-book build . --all -W -n --keep-going
 	$(PY) tests/check_offline.py _build/html --expect-mathjax

@@ -15,7 +15,7 @@ from handson import grading
 from support import (assignments, blank_cells, cell_scores, grade_in_process_many, load_catalog,
                      make_course, solution_cells, submission, submit)
 
-pytestmark = pytest.mark.autograde
+pytestmark = [pytest.mark.autograde, pytest.mark.xdist_group("e2e")]  # one course, one worker
 
 E2E_BUGS = 2
 
