@@ -19,7 +19,7 @@ help:
 	@echo "make collect ASSIGNMENT=<a> ZIP=<file.zip>   import submissions downloaded from an LMS"
 	@echo "make run NB=book/<id>.ipynb   re-execute a chapter, storing clean outputs (and the library)"
 	@echo "make library   write handson/nn/<id>.py from the chapters' cells tagged export"
-	@echo "make bench      time every chapter and solution notebook against its budget"
+	@echo "make bench      measure Part III's promises (KV cache, tiled attention, MLA, attention vs SDPA) and time every notebook"
 	@echo "make test       run every check CI runs"
 
 $(STAMP): requirements.txt pyproject.toml
@@ -63,6 +63,7 @@ export: $(STAMP)
 	$(PY) -m handson.grading export
 
 bench: $(STAMP)
+	$(PY) tests/bench_inference.py
 	$(PY) tests/bench.py
 
 # Everything CI runs: unit tests, the release check, the solutions, the autograder pipeline with
