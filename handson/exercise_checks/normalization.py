@@ -404,6 +404,10 @@ def check_residual(residual: Callable[..., Any], norm_first: bool, *, d: int = 8
     n1 = _Counted(layer.norm1)
     h = checks.check_no_delegation(lambda t: checks.check_not_mutated(residual, t, sa, n1, norm_first), x.clone(),
                                    forbidden=forbidden, asked="residual")
+    if n1.calls == 0 or sa.calls == 0:
+        missing = "the norm is never applied" if n1.calls == 0 else "the sublayer is never called"
+        raise AssertionError(f"residual(x, sublayer, norm, norm_first={norm_first}): {missing}; pre-LN is "
+                             "x + sublayer(norm(x)), post-LN norm(x + sublayer(x)).")
     if sa.calls != 1 or n1.calls != 1:
         raise AssertionError(f"residual(x, sublayer, norm, norm_first={norm_first}) called the sublayer "
                              f"{sa.calls} and the norm {n1.calls} times: each must run exactly once (a sublayer "
