@@ -73,6 +73,12 @@ BUGS = [
     bug("inplace_centring", LN, [(_LN_VAR + _LN_Y, "        x -= mean\n        var = x.pow(2).mean(dim=dims, keepdim=True)\n"
                                                    "        y = x / torch.sqrt(var + self.eps)\n")],
         "centres the caller's tensor in place with -=", [T_LN, T_SHAPE], diagnosis="modified in place"),
+    bug("inplace_divide_saved_tensor", LN, [(_LN_VAR + _LN_Y, "        xc = x - mean\n"
+                                                               "        var = xc.pow(2).mean(dim=dims, keepdim=True)\n"
+                                                               "        xc /= torch.sqrt(var + self.eps)\n"
+                                                               "        y = xc\n")],
+        "divides the centred tensor in place after pow(2) saved it for backward: the forward is right, "
+        "backward() raises", [T_LN, T_SHAPE], diagnosis="modified in place"),
     bug("no_shape_validation", LN, (_CHECK, ""),
         "never checks that x ends with normalized_shape", [T_SHAPE], diagnosis="instead of ValueError"),
     bug("delegates_to_f_layer_norm", LN, (_DIMS, "        return F.layer_norm(x, self.normalized_shape, self.weight, "
