@@ -128,11 +128,16 @@ def ref_rotary_attention(module: Any, n_head: int, x: Tensor, positions: Tensor 
     if variant != "no_rope":
         q = ref_rotate(q, a, pairing)
         if variant != "q_only":
-            k = ref_rotate(k, a, pairing)
+            k = ref_rotate(k, a, "interleaved" if variant == "mixed" else pairing)
         if variant == "rope_v":
             v = ref_rotate(v, a, pairing)
+    if variant == "no_mask":
+        attn_mask = None
     if past_kv is not None:
-        k, v = torch.cat([past_kv[0], k], -2), torch.cat([past_kv[1], v], -2)
+        pk = past_kv[0]
+        if variant == "rerotate_cache":
+            pk = ref_rotate(pk, ref_rope_angles(torch.arange(S_past), hd, base).to(x.device))
+        k, v = torch.cat([pk, k], -2), torch.cat([past_kv[1], v], -2)
     S = k.size(-2)
     scale = 1.0 if variant == "no_scale" else 1.0 / math.sqrt(hd)
     s = (q @ k.transpose(-2, -1)) * scale
@@ -162,7 +167,9 @@ def _compare(got: Any, want: Tensor, name: str, mistakes: Sequence[tuple[Callabl
             cand = make()
         except Exception:  # noqa: BLE001 - a variant that cannot be built is not the mistake
             continue
-        if cand.shape == g.shape and torch.allclose(g, cand, **_MATCH):
+        if cand.shape != want.shape or torch.allclose(cand, want, **_MATCH):
+            continue                                     # this case cannot tell the mistake from the answer
+        if torch.allclose(g, cand, **_MATCH):
             raise AssertionError(f"{name} is wrong: {why}.")
     diff = float((g - want).abs().max())
     if angles and diff < 1e-2:
@@ -198,6 +205,7 @@ def check_sinusoidal(fn: Callable[..., Any], cases: Sequence[tuple[int, int, flo
         name = f"sinusoidal_encoding({n}, {d}, base={base:g})"
         h = d // 2
         _compare(got, ref_sinusoidal(n, d, base), name, [
+            (lambda: ref_sinusoidal(n, d, 10000.0), "the base argument is ignored (10000 was used)"),
             (lambda: ref_sinusoidal(n, d, base, concatenated=True),
              "it lays out all the sines then all the cosines ([sin | cos]); Vaswani 3.5 interleaves them: "
              "sin in the even columns 2i, cos in the odd columns 2i + 1"),
@@ -214,7 +222,6 @@ def check_sinusoidal(fn: Callable[..., Any], cases: Sequence[tuple[int, int, flo
              "base^(-2i/d_model), with i the index of the pair"),
             (lambda: ref_sinusoidal(n, d, base, first=1),
              "positions are counted from 1: the first row is position 0 (sin 0 = 0, cos 0 = 1)"),
-            (lambda: ref_sinusoidal(n, d, 10000.0), "the base argument is ignored (10000 was used)"),
         ], hint="PE[p, 2i] = sin(p / base^(2i/d_model)), PE[p, 2i + 1] = cos(p / base^(2i/d_model))", angles=True)
 
 
@@ -264,6 +271,9 @@ def check_apply_rope(fn: Callable[..., Any], x: Tensor, positions: Tensor, base:
         (lambda: x.to(F64) * cos + torch.cat([x[..., hd // 2:], x[..., : hd // 2]], -1).to(F64) * sin,
          "rotate_half swaps the halves without the minus sign: it is cat(-x2, x1)"),
         (lambda: x.to(F64) * cos, "the rotate_half(x) * sin term is missing"),
+        (lambda: x.to(F64) * cos + torch.stack([-x[..., 1::2], x[..., 0::2]], -1).flatten(-2).to(F64) * sin,
+         "rotate_half pairs (2i, 2i + 1) (the interleaved pairing) while cos and sin are in the rotate-half "
+         "layout: pair i with i + head_dim/2, rotate_half(x) = cat(-x2, x1) over the two halves"),
     ], hint="x' = x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1)")
     norms = got.detach().to(F64).norm(dim=-1)
     if not torch.allclose(norms, x.to(F64).norm(dim=-1), atol=1e-9, rtol=1e-9):
@@ -400,7 +410,15 @@ def check_rope_cos_sin_at(fn: Callable[..., Any], positions: Tensor, head_dim: i
 
 # ----------------------------------------------------------------------------- part 5: the module
 def _call_module(module: Any, *args: Any, **kwargs: Any) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    res = checks._call_learner(module, *args, **kwargs)
+    try:
+        res = checks._call_learner(module, *args, **kwargs)
+    except (RuntimeError, AssertionError) as exc:
+        pos = kwargs.get("positions")
+        if pos is not None and pos.dim() == 2 and "must match the size" in str(exc):
+            raise AssertionError("with positions of shape (B, L), cos and sin are (B, L, head_dim) and meet q, k of "
+                                 "shape (B, n_head, L, head_dim): add the head axis, (B, 1, L, head_dim), before "
+                                 "rotating.") from None
+        raise
     if not (isinstance(res, tuple) and len(res) == 2 and isinstance(res[0], Tensor)
             and isinstance(res[1], tuple) and len(res[1]) == 2):
         raise AssertionError("RotarySelfAttention must return (out, (k, v)): the output and the keys and values "
@@ -422,6 +440,11 @@ _VARIANTS = [
                     "i + head_dim/2 (rotate-half)"),
     ("no_offset", "the new tokens are rotated from position 0: with past_kv of S_past tokens they are at "
                   "positions S_past .. S_past + L - 1 (the offset every KV cache needs)"),
+    ("mixed", "the queries and the keys are rotated with different pairings (rotate-half for one, interleaved for "
+              "the other): the score is then no longer a function of m - n; use rotate-half for both"),
+    ("rerotate_cache", "the cached keys are rotated again: past_kv holds keys already rotated at their positions, "
+                       "append the new rotated keys after them"),
+    ("no_mask", "attn_mask is ignored: combine it with the causal mask by AND (True = may attend)"),
     ("top_left", "the causal mask is aligned top-left: query i is position i + S - L of the S keys"),
     ("no_scale", "the scores are not divided by sqrt(head_dim)"),
 ]
@@ -519,7 +542,7 @@ def check_rounded(got: Any, want: Tensor, dtype: torch.dtype, name: str) -> None
     check_tensor_on(got, "cpu", dtype, name)
     checks.check_shape(got, want.shape, name)
     diff = float((got.to(F64) - want).abs().max()) if want.numel() else 0.0
-    if diff > 0.75 * torch.finfo(dtype).eps * max(1.0, float(want.abs().max())):
+    if diff > max(0.75 * torch.finfo(dtype).eps, 1e-12) * max(1.0, float(want.abs().max())):
         raise AssertionError(f"{name} differs from the float64 values rounded to {dtype} by up to {diff:.3g}: compute "
                              "the angles in float64 and cast at the end (angles computed in float32 lose digits at "
                              "large positions).")
