@@ -666,11 +666,13 @@ def check_generate_batch(fn: Callable[..., Any], reference: Callable[..., Any], 
     if pad == 0:
         raise AssertionError(f"{call}: row {b}, the longest prompt, already differs from generate at token {where}: "
                              "greedy decoding with a cache, argmax of the last position's logits.")
-    for kwargs, why in _BATCH_MISTAKES:
-        variant = _batch_variant(model, prompts, max_new_tokens, pad_id, **kwargs)
-        if all(torch.equal(g, v) for g, v in zip(got, variant)):
-            raise AssertionError(f"{call}: row {b} (left-padded by {pad}) differs from generating it alone at token "
-                                 f"{where}: {why}.")
+    matches = [why for kwargs, why in _BATCH_MISTAKES
+               if all(torch.equal(g, v) for g, v in zip(got, _batch_variant(model, prompts, max_new_tokens, pad_id,
+                                                                             **kwargs)))]
+    if matches:
+        also = "".join(f" (or: {why})" for why in matches[1:])
+        raise AssertionError(f"{call}: row {b} (left-padded by {pad}) differs from generating it alone at token "
+                             f"{where}: {matches[0]}{also}.")
     raise AssertionError(f"{call}: row {b} (left-padded by {pad}) differs from generating it alone at token {where}: "
                          "pad on the left, mask the padded keys with attn_mask on every call, and give each row "
                          "positions that start at 0 at its first real token, also while decoding.")
