@@ -51,7 +51,7 @@ BUGS = [
         "breaks ties by the pair seen last", ["test_train", "test_ties"], diagnosis="tie was broken"),
     bug("tie_smallest_by_default", TOK, ("pair = tied[0]", "pair = min(tied)"),
         "breaks ties by the smallest ids (Hugging Face's rule) under ties='first'", ["test_train"],
-        diagnosis="'smallest' rule"),
+        diagnosis="tie was broken"),
     bug("tie_greatest_by_ids", TOK, ("pair = max(tied, key=lambda p: (vocab[p[0]], vocab[p[1]]))", "pair = max(tied)"),
         "compares the pairs' ids instead of their bytes under ties='greatest'", ["test_ties"],
         diagnosis="not their ids"),
