@@ -89,8 +89,10 @@ def reference(P: dict[str, Tensor], x: Tensor, dims: tuple[int, int, int, float]
     v_c = split(c_kv @ P["w_uk" if variant == "v_from_w_uk" else "w_uv"].T, dh)
     q_r = split(c_q @ P["w_qr"].T, dr)
     k_r = (x @ P["w_kr"].T)[:, None]
-    if variant not in ("no_rope", "rope_before_up"):
-        q_r, k_r = rope(q_r), rope(k_r)
+    if variant not in ("no_rope", "rope_before_up", "rope_k_only"):
+        q_r = rope(q_r)
+    if variant not in ("no_rope", "rope_before_up", "rope_q_only"):
+        k_r = rope(k_r)
     if variant == "rope_all":
         q_c, k_c = rope(q_c), rope(k_c)
     scale = {"scale_d_head": 1 / math.sqrt(dh), "scale_d_rope": 1 / math.sqrt(dr),
@@ -121,6 +123,8 @@ _WEIGHT_MISTAKES = [
     ("scale_d_rope", "the scores were scaled by 1/sqrt(d_rope): the scale is 1/sqrt(d_head + d_rope)"),
     ("no_scale", "the scores were not scaled: multiply them by 1/sqrt(d_head + d_rope)"),
     ("no_rope", "RoPE was not applied: rotate q^R (per head) and the shared k^R by their positions"),
+    ("rope_k_only", "RoPE was applied to the shared key k^R but not to the queries q^R: rotate both"),
+    ("rope_q_only", "RoPE was applied to the queries q^R but not to the shared key k^R: rotate both"),
     ("rope_all", "RoPE was applied to the content part q^C, k^C as well: rotate only the decoupled part "
                  "q^R, k^R (RoPE on the content keys is what blocks absorbing W^UK)"),
     ("rope_before_up", "RoPE was applied to the latents before the up-projection: rotate q^R = w_qr(c^Q) and "
