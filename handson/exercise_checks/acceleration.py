@@ -59,7 +59,12 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None 
 def reference_schedule(L: int, S: int, block_q: int, block_k: int, window: int | None = None) -> Tensor:
     """Bool (ceil(L / block_q), ceil(S / block_k)): True where the tile holds a pair that may attend
     under the bottom-right causal mask (and the window)."""
-    mask = allowed_mask(L, S, True, window)
+    return _blocks(allowed_mask(L, S, True, window), block_q, block_k)
+
+
+def _blocks(mask: Tensor, block_q: int, block_k: int) -> Tensor:
+    """Bool (ceil(L / block_q), ceil(S / block_k)): which tiles of ``mask`` hold a True."""
+    L, S = mask.shape
     nq, nk = -(-L // block_q), -(-S // block_k)
     out = torch.zeros(nq, nk, dtype=torch.bool)
     for a in range(nq):
@@ -99,6 +104,7 @@ def _variant(q: Tensor, k: Tensor, v: Tensor, bq: int, bk: int, causal: bool, sc
     L, S = q.size(-2), k.size(-2)
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
     offset = S - L
+    sched = reference_schedule(L, S, bq, bk, window) if (causal or window is not None) else None
     outs, lses = [], []
     for i0 in range(0, L, bq):
         i1 = min(i0 + bq, L)
@@ -108,6 +114,8 @@ def _variant(q: Tensor, k: Tensor, v: Tensor, bq: int, bk: int, causal: bool, sc
         o = torch.zeros(q.shape[:-2] + (i1 - i0, v.size(-1)), dtype=q.dtype)
         for j0 in range(0, S, bk):
             j1 = min(j0 + bk, S)
+            if sched is not None and not bool(sched[i0 // bq, j0 // bk]):
+                continue                                  # the tiles a causal / windowed loop skips
             s = qt @ k[..., j0:j1, :].transpose(-2, -1)
             if causal or window is not None:
                 if bug == "local":
@@ -116,8 +124,9 @@ def _variant(q: Tensor, k: Tensor, v: Tensor, bq: int, bk: int, causal: bool, sc
                 else:
                     rows, cols = torch.arange(i0, i1)[:, None] + offset, torch.arange(j0, j1)[None, :]
                     ok = cols <= rows
-                    if window is not None:
-                        ok = ok & (cols > rows - window)
+                    if window is not None and bug != "no_lower":
+                        w = window + {"plus_one": 1, "minus_one": -1}.get(bug, 0)
+                        ok = ok & (cols > rows - w)
                 s = s.masked_fill(~ok, NEG_INF)
             m_new = torch.maximum(m, s.amax(-1))
             ms = torch.where(m_new == NEG_INF, 0.0, m_new)
@@ -179,20 +188,26 @@ class _Watch:
         self.wide: tuple[str, tuple[int, ...]] | None = None
         self.tiles = 0
 
-    def mode(self) -> Any:
+    def mode(self, light: bool = False) -> Any:
         from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten
 
         watch = self
+
+        class _Light(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.__name__.split(".")[0]
+                if watch.forbidden is None and (any(f in name for f in _FORBIDDEN_OPS)
+                                                or (watch.online and name == "logsumexp")):
+                    watch.forbidden = f"aten.{name}"
+                return func(*args, **(kwargs or {}))
 
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
-                name = str(func.overloadpacket).split(".")[-1]
-                if watch.forbidden is None and any(f in name for f in _FORBIDDEN_OPS):
-                    watch.forbidden = str(func.overloadpacket)
-                if watch.forbidden is None and watch.online and name == "logsumexp":
-                    watch.forbidden = str(func.overloadpacket)
+                name = func.__name__.split(".")[0]
+                if watch.forbidden is None and (any(f in name for f in _FORBIDDEN_OPS)
+                                                or (watch.online and name == "logsumexp")):
+                    watch.forbidden = f"aten.{name}"
                 if watch.block is not None and watch.wide is None and name in _REDUCTIONS and args \
                         and isinstance(args[0], Tensor) and args[0].dim() >= 1:
                     x = args[0]
@@ -203,26 +218,71 @@ class _Watch:
                     if any(d % x.dim() == x.dim() - 1 for d in dims) and x.shape[-1] > watch.block:
                         watch.wide = (str(func.overloadpacket), tuple(x.shape))
                 out = func(*args, **kwargs)
-                for t in tree_flatten(out)[0]:
+                for t in (out if isinstance(out, (tuple, list)) else (out,)):
                     if isinstance(t, Tensor) and t.numel() > watch.numel:
-                        watch.numel, watch.shape, watch.op = t.numel(), tuple(t.shape), str(func.overloadpacket)
+                        watch.numel, watch.shape, watch.op = t.numel(), tuple(t.shape), f"aten.{name}"
                 if watch.q_sizes and name in _MATMULS and isinstance(out, Tensor) and out.dim() >= 2 \
                         and out.shape[-1] in watch.k_sizes and out.shape[-2] in watch.q_sizes:
                     watch.tiles += 1
                 return out
 
-        return _Mode()
+        return _Light() if light else _Mode()
+
+
+def _names(code: Any) -> set[str]:
+    out = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            out |= _names(const)
+    return out
+
+
+def _refused(fn: Any, forbidden: dict[int, str], seen: set[int], depth: int = 0) -> str | None:
+    """The forbidden callable that ``fn`` (or a function of the learner's that it uses) names, if any."""
+    if id(fn) in forbidden:
+        return forbidden[id(fn)]
+    code = getattr(fn, "__code__", None)
+    if code is None or id(fn) in seen or depth > 4:
+        return None
+    seen.add(id(fn))
+    names = _names(code)
+    scope = dict(getattr(fn, "__globals__", {}))
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            scope[f"<closure {id(cell)}>"] = cell.cell_contents
+        except ValueError:
+            continue
+    values = [scope[n] for n in names if n in scope] + [v for n, v in scope.items() if n.startswith("<closure")]
+    for obj in values:
+        if id(obj) in forbidden:
+            return forbidden[id(obj)]
+        if isinstance(obj, type(math)):
+            for n in names:
+                if id(getattr(obj, n, None)) in forbidden:
+                    return forbidden[id(getattr(obj, n))]
+        elif callable(obj) and hasattr(obj, "__code__") and not getattr(obj, "__module__", "").startswith("torch"):
+            found = _refused(obj, forbidden, seen, depth + 1)
+            if found:
+                return found
+    return None
 
 
 def run_guarded(fn: Callable[..., Any], *args: Any, asked: str, online: bool = False,
                 watch: _Watch | None = None, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``, refusing the built-in and library pieces the exercise asks to write
-    (by any name: Python callables and ATen softmax / fused-attention operators)."""
-    watch = watch or _Watch(online=online)
+    """``fn(*args, **kwargs)``, refusing the built-in and library pieces the exercise asks to write:
+    the Python callables it names (read from its code, cheaply) and, while it runs, any ATen softmax
+    or fused-attention operator, whatever the name it was reached by (Tensor.softmax too)."""
+    forbidden = {id(obj): name for name, obj in _forbidden_callables(online).items()}
+    found = _refused(fn, forbidden, set())
+    if found:
+        raise AssertionError(
+            f"{asked} calls {found}, which this exercise asks you to write yourself: using the library's (or "
+            "PyTorch's) version of the asked piece earns no marks for this part.")
+    if watch is None:                 # values and gradients: no dispatch mode, for speed
+        return checks._call_learner(fn, *args, **kwargs)
     watch.online = online
     with watch.mode():
-        result = checks.check_no_delegation(fn, *args, forbidden=_forbidden_callables(online), asked=asked,
-                                            **kwargs)
+        result = checks._call_learner(fn, *args, **kwargs)
     if watch.forbidden:
         raise AssertionError(
             f"{asked} runs the operator {watch.forbidden}, which this exercise asks you to replace: no "
@@ -247,15 +307,17 @@ def check_online_softmax(fn: Callable[..., Any], x: Tensor, block_size: int) -> 
     checks.check_shape(got, x.shape, f"online_softmax(x, {block_size})")
     checks.check_dtype(got, x.dtype, f"online_softmax(x, {block_size})")
     want = torch.softmax(x, dim=-1)
+    finite = x[torch.isfinite(x)]
+    if (bool(torch.isinf(got).any()) or bool(torch.isnan(got).any())) and finite.numel() \
+            and float(finite.abs().max()) > 80:
+        raise AssertionError(
+            f"online_softmax(x, {block_size}) overflows (inf or NaN) on large inputs: subtract the running "
+            "maximum before exponentiating (exp(x - m)), and rescale the sum when m grows.")
     if bool(torch.isnan(got).any()) and not bool(torch.isnan(want).any()):
         raise AssertionError(
             f"online_softmax(x, {block_size}) gives NaN where torch.softmax does not: a block whose values "
             "are all -inf makes the running maximum -inf, and exp(-inf - (-inf)) = exp(NaN); use 0 in place "
             "of a running maximum that is still -inf.")
-    if bool(torch.isinf(got).any()) or (bool(torch.isnan(got).any()) and x.abs().max() > 80):
-        raise AssertionError(
-            f"online_softmax(x, {block_size}) overflows (inf or NaN) on large inputs: subtract the running "
-            "maximum before exponentiating (exp(x - m)), and rescale the sum when m grows.")
     if watch.wide is not None:
         op, shape = watch.wide
         raise AssertionError(
@@ -316,6 +378,15 @@ def _diagnose(out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, bq: int
             ("the window is ignored: this is plain causal attention; keys j <= i' - window must be masked",
              lambda: reference_attention(q, k, v, allowed_mask(L, S, True), scale)),
         ]
+    if window is not None:
+        cands += [(text, lambda b=b: _variant(q, k, v, bq, bk, True, scale, window, b)) for b, text in [
+            ("plus_one", "the window holds window + 1 keys: it counts the query itself, so query i' sees the "
+             "keys i' - window < j <= i'"),
+            ("minus_one", "the window holds window - 1 keys: it counts the query itself, so query i' sees the "
+             "keys i' - window < j <= i'")]]
+        cands.append(("only whole tiles outside the window are skipped: inside a computed tile the keys "
+                      "j <= i' - window must be masked too", lambda: _variant(q, k, v, bq, bk, True, scale, window,
+                                                                              "no_lower")))
     cands += [
         ("the scale is applied twice (scores multiplied by scale**2)",
          lambda: reference_attention(q, k, v, allowed, sc * sc)),
@@ -377,6 +448,12 @@ def _check_result(res: Any, q: Tensor, k: Tensor, v: Tensor, bq: int, bk: int, c
             "stays -inf and exp(m - m_new) = exp(-inf - (-inf)) = NaN; use 0 in place of a maximum that "
             "is still -inf (and give a query with no key at all out = 0, lse = -inf).")
     o, lz = out.detach(), lse.detach()
+    empty = ref_lse == NEG_INF
+    if bool(empty.any()) and bool((o[empty] != 0).any()):
+        raise AssertionError(
+            f"{name} gives a query with no allowed key a non-zero output: a finite fill (torch.finfo(dtype).min, "
+            "-1e9) turns its row into an average of the values -- fill with -inf, and give such a query out = 0 "
+            "and lse = -inf.")
     if not (torch.allclose(o, ref_out, rtol=checks.RTOL64, atol=checks.ATOL64)
             and torch.equal(lz == NEG_INF, ref_lse == NEG_INF)
             and torch.allclose(lz[ref_lse > NEG_INF], ref_lse[ref_lse > NEG_INF], rtol=checks.RTOL64,
@@ -435,7 +512,8 @@ def check_attention_grads(fn: Callable[..., Any], q: Tensor, k: Tensor, v: Tenso
 
 def check_memory(fn: Callable[..., Any], q: Tensor, k: Tensor, v: Tensor, *args: Any, block_q: int, block_k: int,
                  name: str = "tiled_attention", **kwargs: Any) -> None:
-    """No tensor larger than a tile of scores or the inputs/outputs (per batch-head) is created."""
+    """No tensor larger than a tile of scores or the inputs/outputs (per batch-head) is created, and
+    no softmax or fused attention runs (by any name, Tensor.softmax too)."""
     L, S, d, dv = q.size(-2), k.size(-2), q.size(-1), v.size(-1)
     bh = math.prod(q.shape[:-2])
     limit = bh * max(block_q * block_k, L * max(d, dv), S * max(d, dv), L)
@@ -552,8 +630,7 @@ def check_schedule(fn: Callable[..., Any], L: int, S: int, block_q: int, block_k
         raise AssertionError(f"{call} has dtype {got.dtype}: return a boolean tensor (True = the tile is computed).")
     if torch.equal(got, want):
         return
-    mistakes = [(reference_schedule(L, L, block_q, block_k, window)[:, :want.size(1)]
-                 if S <= L and want.size(1) <= -(-L // block_k) else None,
+    mistakes = [(_blocks(_band(L, S, 0, True, window), block_q, block_k),
                  "the diagonal is aligned top-left; query i is position i + S - L (bottom-right)"),
                 (reference_schedule(L, S, block_q, block_k, None),
                  "the window is ignored: tiles whose keys all lie at or before i' - window for every query are skipped too"),
