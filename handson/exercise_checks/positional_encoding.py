@@ -215,8 +215,8 @@ def check_sinusoidal(fn: Callable[..., Any], cases: Sequence[tuple[int, int, flo
             (lambda: ref_sinusoidal(n, d, base, swap=True),
              "sin and cos are swapped: PE[p, 2i] is the sine and PE[p, 2i + 1] the cosine"),
             (lambda: ref_sinusoidal(n, d, base, freq_denominator=d),
-             "the exponent is i/d_model with i the column index: it is 2i/d_model with i the index of the "
-             "(sin, cos) pair, so columns 2i and 2i + 1 share the frequency base^(-2i/d_model)"),
+             "the exponent is i/d_model with i the index of the (sin, cos) pair: it is 2i/d_model (the even "
+             "column index over d_model), so columns 2i and 2i + 1 share the frequency base^(-2i/d_model)"),
             (lambda: ref_sinusoidal(n, d, base, freq_denominator=d / 4),
              "the exponent counts 2i twice (4i/d_model): columns 2i and 2i + 1 share the frequency "
              "base^(-2i/d_model), with i the index of the pair"),
