@@ -149,7 +149,7 @@ BUGS = [
         diagnosis="shares memory"),
     bug("load_changes_dtype", LOAD, (COPY, "    for p, src in pairs:\n        p.data = src.detach().clone()\n"),
         "replaces the data by a float64 clone: a float32 encoder becomes float64", ["test_load_copies"],
-        diagnosis="has dtype torch.float64"),
+        diagnosis="changed the encoder's dtype"),
     bug("load_new_parameters", LOAD, (COPY, "    for mod in encoder.modules():\n"
                                             "        for name, p in list(mod.named_parameters(recurse=False)):\n"
                                             "            src = next(s for q, s in pairs if q is p)\n"
