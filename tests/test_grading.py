@@ -20,6 +20,14 @@ def test_static_scan_flags_reaching_into_the_test_machinery():
         assert needle in text, found
 
 
+def test_static_scan_tells_code_compilation_from_pattern_compilation():
+    assert integrity.scan_source("import regex\npat = regex.compile(r'\\p{L}+')\n") == []
+    assert integrity.scan_source("f = torch.compile(f, backend='eager')\n") == []
+    assert integrity.scan_source("code = compile('1', '<s>', 'eval')\n") == ["line 1: calls compile()"]
+    assert integrity.scan_source("import builtins\nbuiltins.compile('1', '<s>', 'eval')\n") == [
+        "line 1: imports builtins", "line 2: calls compile()"]
+
+
 @pytest.mark.parametrize("assignment", assignments())
 def test_static_scan_is_quiet_on_the_solutions(assignment):
     found = integrity.scan_notebook(submission(assignment, solution_cells(assignment)))

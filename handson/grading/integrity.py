@@ -213,7 +213,11 @@ def scan_source(source: str) -> list[str]:
         if isinstance(node, ast.Call):
             name = node.func.id if isinstance(node.func, ast.Name) else (
                 node.func.attr if isinstance(node.func, ast.Attribute) else None)
-            if name in _SUSPICIOUS_CALLS:
+            # re.compile, regex.compile and torch.compile compile patterns and graphs, not code: only
+            # the builtin (bare, or reached through builtins) is suspicious under that name.
+            method_compile = (name == "compile" and isinstance(node.func, ast.Attribute)
+                              and _root_name(node.func) not in ("builtins", "__builtins__"))
+            if name in _SUSPICIOUS_CALLS and not method_compile:
                 found.append(f"line {node.lineno}: calls {name}()")
             if name in ("open", "read_text", "read_bytes", "remove", "unlink", "rmtree", "system"):
                 found.append(f"line {node.lineno}: file or system access via {name}()")
