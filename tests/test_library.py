@@ -29,9 +29,18 @@ def test_library_matches_the_chapters():
     assert not stale, f"run `make library` and commit: {stale} differ from the chapters' export cells"
 
 
-def test_every_part_i_chapter_exports_something():
+def test_every_chapter_exports_something():
     assert set(CHAPTER_MODULES) >= {"self_attention", "multi_head_attention", "cross_attention",
-                                    "causal_masking", "multi_query_attention"}
+                                    "causal_masking", "multi_query_attention", "tokenization",
+                                    "positional_encoding", "normalization", "encoder", "decoder",
+                                    "kv_cache", "multi_latent_attention", "acceleration"}
+
+
+def test_the_package_exports_the_pieces_of_a_model():
+    import handson.nn as lib
+    for name in lib.__all__:
+        assert getattr(lib, name).__module__.startswith("handson.nn."), name
+    assert lib.GPT.__module__ == "handson.nn.decoder" and lib.LayerNorm.__module__ == "handson.nn.normalization"
 
 
 def _global_names(code: types.CodeType) -> set[str]:
