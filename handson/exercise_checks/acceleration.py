@@ -194,6 +194,10 @@ class _Watch:
         watch = self
 
         class _Light(TorchDispatchMode):
+            @classmethod
+            def _should_skip_dynamo(cls):
+                return False          # eager only: no torch._dynamo import (seconds) for the wrapper
+
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 name = func.__name__.split(".")[0]
                 if watch.forbidden is None and (any(f in name for f in _FORBIDDEN_OPS)
@@ -202,6 +206,10 @@ class _Watch:
                 return func(*args, **(kwargs or {}))
 
         class _Mode(TorchDispatchMode):
+            @classmethod
+            def _should_skip_dynamo(cls):
+                return False          # eager only: no torch._dynamo import (seconds) for the wrapper
+
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
                 name = func.__name__.split(".")[0]
