@@ -89,7 +89,10 @@ def attention(q, k, v, attn_mask=None, *, scale=None, is_causal=False, need_weig
                         f"not {attn_mask.dtype}")
     if attn_mask is not None and attn_mask.is_floating_point():
         attn_mask = attn_mask.to(q.dtype)
-    if is_causal:
+    sdpa_causal = is_causal and attn_mask is None and L == S and not need_weights
+    if is_causal and L == 1:
+        is_causal = False            # one query at the last position: it may attend every key
+    if is_causal and not sdpa_causal:
         causal = causal_mask(L, S, device=q.device)
         if attn_mask is None:
             attn_mask = causal
@@ -114,7 +117,7 @@ def attention(q, k, v, attn_mask=None, *, scale=None, is_causal=False, need_weig
             attn_mask = (attn_mask | ~has_key if attn_mask.dtype == torch.bool
                          else attn_mask.masked_fill(~has_key, 0.0))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                             scale=scale, enable_gqa=enable_gqa)
+                                             is_causal=sdpa_causal, scale=scale, enable_gqa=enable_gqa)
         if has_key is not None:
             out = out.masked_fill(~has_key, 0.0)
         return out, None
@@ -122,12 +125,15 @@ def attention(q, k, v, attn_mask=None, *, scale=None, is_causal=False, need_weig
     if enable_gqa and k.size(-3) != q.size(-3):
         g = q.size(-3) // k.size(-3)
         k, v = k.repeat_interleave(g, dim=-3), v.repeat_interleave(g, dim=-3)
-    scores = (q @ k.transpose(-2, -1)) * scale
+    scores = (q @ k.transpose(-2, -1)).mul_(scale)   # in place: the product is not saved for backward
+    if has_key is not None and has_key.device.type != "meta" and bool(has_key.all()):
+        has_key = None                                    # every row has a key: nothing to zero
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
+            scores = torch.where(attn_mask, scores, float("-inf"))
         else:
             scores = scores + attn_mask
+    if has_key is not None:
         scores = scores.masked_fill(~has_key, 0.0)       # a row with no key: finite, zeroed below
     weights = torch.softmax(scores, dim=-1)
     if has_key is not None:
