@@ -700,3 +700,13 @@ def test_check_raises_and_weights_hints():
     with pytest.raises(AssertionError, match="my hint"):
         checks.check_matches_reference(unscaled, checks.sdpa_reference, qkv(2, 4, 3), extra={"scale": 0.2},
                                        weights_hint="my hint")
+
+
+def test_not_mutated_accepts_inputs_that_hold_nan_and_catches_writes_next_to_them():
+    x = torch.tensor([1.0, float("nan"), 3.0])
+    checks.check_not_mutated(lambda t: t * 2, x)                 # NaN != NaN, yet nothing changed
+
+    def write(t):
+        t.data[0] = 5.0                                          # a write that bumps no version
+    with pytest.raises(AssertionError, match="modified in place"):
+        checks.check_not_mutated(write, x.clone())
