@@ -4,7 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
-# make test runs its suites on this many workers (the heavy fixtures each stay on one worker).
+# make test runs the test files and the chapters (nbval) on this many workers, one file or notebook per
+# worker at a time (--dist loadfile): each heavy session fixture (catalogs, nbgrader runs, hostile
+# suite, releases) has a file of its own, so it is built once, on one worker; torch runs one thread
+# per process, since the workers already fill the cores.
 JOBS ?= 2
 
 .PHONY: help install book lab exercises autograde feedback report export run library collect bench test clean
@@ -70,9 +73,8 @@ bench: $(STAMP)
 # the catalog of buggy submissions, nbval over the chapters, and the book build (which must work offline).
 test: $(STAMP)
 	$(PY) -m handson.nbtools library --check
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -n $(JOBS) --dist loadgroup tests
-	$(PY) -m pytest -q -p no:cacheprovider -n $(JOBS) --dist loadfile --nbval --nbval-current-env \
-		--nbval-sanitize-with tests/nbval_sanitize.cfg book
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --durations=15 -n $(JOBS) --dist loadfile \
+		--nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg tests book
 	$(VENV)/bin/jupyter-book build . --all -W -n --keep-going
 	$(PY) tests/check_offline.py _build/html --expect-mathjax
 	@if grep -rlE "BEGIN SOLUTION|BEGIN HIDDEN TESTS" _build/html; then \

@@ -16,7 +16,6 @@ from support import (assignments, blank_cells, grade_in_process_many, load_catal
                      solution_cells, transcriptions)
 
 MIN_CONTROLS = 3
-pytestmark = pytest.mark.xdist_group("catalog")  # one grading of every catalog, one worker
 
 
 def _name(kind: str, name: str) -> str:

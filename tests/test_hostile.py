@@ -23,7 +23,7 @@ import pytest
 from handson import grading
 from support import ROOT, cell_scores, make_course, solution_cells, submission, submit
 
-pytestmark = [pytest.mark.autograde, pytest.mark.xdist_group("hostile")]  # one course, one worker
+pytestmark = pytest.mark.autograde
 A = "self_attention"
 SECRET = "BEGIN SOLUTION"
 

@@ -31,7 +31,6 @@ def fresh(tmp_path_factory):
     return course
 
 
-@pytest.mark.xdist_group("release")  # one regeneration of every release, one worker
 @pytest.mark.parametrize("assignment", assignments())
 def test_release_is_in_sync(fresh, assignment):
     committed = sorted((ROOT / "exercises" / assignment).glob("*.ipynb"))
