@@ -18,7 +18,6 @@ Nothing here is asserted: a loaded machine cannot make a test fail; a goal not m
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -161,37 +160,9 @@ def bench_tiled() -> list[dict]:
 
 # --- 3. multi-head latent attention ----------------------------------------------------------------
 
-def _mla_decode(m, x, c_kv, k_r, cos, sin, absorbed: bool):
-    """One decode step of ``m`` for the last position, from the cached latents ``c_kv`` (B, S, d_c)
-    and the shared RoPE keys ``k_r`` (B, S, d_rope), the new token's own entries included."""
-    from handson.nn.positional_encoding import apply_rope
-
-    B, H = x.shape[0], m.n_head
-    dh, dr = m.d_head, m.d_rope
-    c_q = m.q_norm(m.w_dq(x))                                             # (B, 1, d_c_q)
-    q_c = m.w_uq(c_q).view(B, 1, H, dh).transpose(1, 2)                   # (B, H, 1, dh)
-    q_r = apply_rope(m.w_qr(c_q).view(B, 1, H, dr).transpose(1, 2), cos, sin)
-    scale = 1.0 / math.sqrt(dh + dr)
-    if absorbed:
-        w_uk = m.w_uk.weight.view(H, dh, -1)                              # (H, dh, d_c)
-        w_uv = m.w_uv.weight.view(H, dh, -1)
-        q_lat = torch.einsum("bhld,hdc->bhlc", q_c, w_uk)                 # (B, H, 1, d_c)
-        scores = (q_lat @ c_kv[:, None].transpose(-2, -1) + q_r @ k_r[:, None].transpose(-2, -1)) * scale
-        o_lat = scores.softmax(-1) @ c_kv[:, None]                        # (B, H, 1, d_c)
-        o = torch.einsum("bhlc,hdc->bhld", o_lat, w_uv)
-    else:
-        S = c_kv.shape[1]
-        k_c = m.w_uk(c_kv).view(B, S, H, dh).transpose(1, 2)              # every cached latent, decompressed
-        v = m.w_uv(c_kv).view(B, S, H, dh).transpose(1, 2)
-        k = torch.cat([k_c, k_r[:, None].expand(B, H, S, dr)], dim=-1)
-        q = torch.cat([q_c, q_r], dim=-1)
-        o = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return m.o(o.transpose(1, 2).reshape(B, 1, H * dh))
-
-
 def bench_mla() -> list[dict]:
+    from handson.nn import merge_heads
     from handson.nn.multi_latent_attention import MultiHeadLatentAttention, mla_cache_elements
-    from handson.nn.positional_encoding import rope_cos_sin
 
     torch.manual_seed(0)
     S, n_head, d_head, d_rope, d_c = 4096, 16, 64, 32, 256
@@ -199,10 +170,17 @@ def bench_mla() -> list[dict]:
                                  d_c_q=384).eval()
     x = torch.randn(1, 1, 1024)
     c_kv, k_r = torch.randn(1, S, d_c), torch.randn(1, S, d_rope)
-    cos, sin = rope_cos_sin(1, d_rope, offset=S - 1)
+    everything = torch.ones(1, 1, 1, S, dtype=torch.bool)   # the last position may attend every key
+
+    def decode(attend):
+        """One decode step for the last position, from the cached latents, with the chapter's forms."""
+        q_c, q_r = m.queries(x, offset=S - 1)
+        out, _ = attend(q_c, q_r, c_kv, k_r, everything)
+        return m.o(merge_heads(out))
+
     with torch.no_grad():
-        naive = lambda: _mla_decode(m, x, c_kv, k_r, cos, sin, absorbed=False)  # noqa: E731
-        absorbed = lambda: _mla_decode(m, x, c_kv, k_r, cos, sin, absorbed=True)  # noqa: E731
+        naive = lambda: decode(m.attend_naive)  # noqa: E731  every cached latent decompressed per head
+        absorbed = lambda: decode(m.attend_absorbed)  # noqa: E731  from the latents alone
         diff = (naive() - absorbed()).abs().max().item()
         t_naive, t_abs = seconds(naive), seconds(absorbed)
     per_token_mla = mla_cache_elements(d_c, d_rope)
