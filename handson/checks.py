@@ -34,6 +34,7 @@ __all__ = [
     "check_runs_on_meta",
     "sdpa_reference",
     "check_matches_torch_mha",
+    "copy_into_torch_mha",
     "check_no_future_leakage",
     "check_linear",
     "check_no_delegation",
@@ -420,12 +421,21 @@ def _copy_into_torch_mha(module: torch.nn.Module, n_head: int, dtype: torch.dtyp
     for name in ("q", "k", "v", "o"):
         check_linear(module, name, d, d, why="every projection keeps d_model (heads split the result).")
     ref = torch.nn.MultiheadAttention(d, n_head, batch_first=True, dtype=dtype, device=device)
+    copy_into_torch_mha(module, ref)
+    return ref
+
+
+def copy_into_torch_mha(module: torch.nn.Module, ref: torch.nn.MultiheadAttention) -> None:
+    """Copy the book's ``q``, ``k``, ``v``, ``o`` layers into PyTorch's packed attention ``ref``.
+
+    ``in_proj_weight`` is ``cat([W_q, W_k, W_v])`` along dim 0 (each ``(out, in)`` like ``nn.Linear``);
+    a missing bias is copied as zeros.
+    """
     with torch.no_grad():
         ref.in_proj_weight.copy_(torch.cat([module.q.weight, module.k.weight, module.v.weight]))
         ref.in_proj_bias.copy_(torch.cat([_bias(module.q), _bias(module.k), _bias(module.v)]))
         ref.out_proj.weight.copy_(module.o.weight)
         ref.out_proj.bias.copy_(_bias(module.o))
-    return ref
 
 
 def check_matches_torch_mha(

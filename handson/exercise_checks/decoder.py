@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from handson.checks import _call_learner, check_close, check_linear, check_shape
+from handson.checks import _call_learner, check_close, check_linear, check_shape, copy_into_torch_mha
 
 __all__ = [
     "torch_decoder_layer_like", "check_layer_structure", "check_decoder_layer",
@@ -80,13 +80,6 @@ def check_layer_structure(layer: nn.Module, d_model: int, d_ff: int, cross_atten
                                  "LayerNorm normalises over the d_model features of each position.")
 
 
-def _copy_attn(mine: nn.Module, theirs: nn.MultiheadAttention) -> None:
-    theirs.in_proj_weight.copy_(torch.cat([mine.q.weight, mine.k.weight, mine.v.weight]))
-    theirs.in_proj_bias.copy_(torch.cat([mine.q.bias, mine.k.bias, mine.v.bias]))
-    theirs.out_proj.weight.copy_(mine.o.weight)
-    theirs.out_proj.bias.copy_(mine.o.bias)
-
-
 def torch_decoder_layer_like(layer: nn.Module, n_head: int, norm_first: bool, activation: str) -> nn.Module:
     """PyTorch's layer holding copies of layer's weights (float64, batch_first, dropout 0).
 
@@ -98,9 +91,9 @@ def torch_decoder_layer_like(layer: nn.Module, n_head: int, norm_first: bool, ac
     cross = getattr(layer, "cross_attn", None) is not None
     ref = (nn.TransformerDecoderLayer if cross else nn.TransformerEncoderLayer)(d_model, n_head, d_ff, **kw)
     with torch.no_grad():
-        _copy_attn(layer.self_attn, ref.self_attn)
+        copy_into_torch_mha(layer.self_attn, ref.self_attn)
         if cross:
-            _copy_attn(layer.cross_attn, ref.multihead_attn)
+            copy_into_torch_mha(layer.cross_attn, ref.multihead_attn)
         for name in ["linear1", "linear2"]:
             getattr(ref, name).weight.copy_(getattr(layer.ff, name).weight)
             getattr(ref, name).bias.copy_(getattr(layer.ff, name).bias)

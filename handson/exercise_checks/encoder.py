@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from handson.checks import (ATOL64, RTOL64, _call_learner, _max_abs_diff, check_close, check_shape)
+from handson.checks import (ATOL64, RTOL64, _call_learner, _max_abs_diff, check_close, check_shape,
+                            copy_into_torch_mha)
 
 __all__ = ["forbidden", "check_feedforward", "check_layer_structure", "torch_layer_from",
            "torch_encoder_from", "check_layer_matches_torch", "check_encoder_matches_torch",
@@ -172,12 +173,8 @@ def torch_layer_from(layer: nn.Module, d_model: int, n_head: int, d_ff: int, nor
     check_layer_structure(layer, d_model, d_ff)
     t = nn.TransformerEncoderLayer(d_model, n_head, d_ff, dropout=0.0, activation=activation, batch_first=True,
                                    norm_first=norm_first, dtype=torch.float64)
-    a = layer.self_attn
+    copy_into_torch_mha(layer.self_attn, t.self_attn)
     with torch.no_grad():
-        t.self_attn.in_proj_weight.copy_(torch.cat([a.q.weight, a.k.weight, a.v.weight]))
-        t.self_attn.in_proj_bias.copy_(torch.cat([a.q.bias, a.k.bias, a.v.bias]))
-        t.self_attn.out_proj.weight.copy_(a.o.weight)
-        t.self_attn.out_proj.bias.copy_(a.o.bias)
         for ours, theirs in [(layer.ff.linear1, t.linear1), (layer.ff.linear2, t.linear2),
                              (layer.norm1, t.norm1), (layer.norm2, t.norm2)]:
             theirs.weight.copy_(ours.weight)
