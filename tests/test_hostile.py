@@ -7,13 +7,16 @@ their own output.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import queue
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -302,6 +305,43 @@ def test_regrading_keeps_rows_and_grades_only_what_changed(hostile):
     assert again["correct"].score == res["correct"].score
 
 
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if marker.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the watchdog's kill reads /proc")
+def test_a_grading_that_outlives_every_limit_is_killed_and_the_batch_goes_on(tmp_path):
+    """A submission whose kernel ignores interrupts and never returns, while the cell timeout is
+    generous: the hard limit kills its worker, its kernel and what the kernel started."""
+    course = make_course(tmp_path / "course", [A])
+    marker = f"handson-hang-{os.getpid()}-{time.monotonic_ns()}"
+    hang = ("import signal, subprocess, sys, time\n"
+            f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)', {marker!r}])\n"
+            "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "time.sleep(600)")
+    submit(course, "hangs", A, submission(A, _answers({"self_attention": hang})))
+    submit(course, "correct", A, submission(A, solution_cells(A)))
+    grading.ensure_gradebook(grading.Course(course), [A])
+    t0 = time.monotonic()
+    hung = grading.autograde(grading.Course(course), students=["hangs"], timeout=300,
+                             notebook_timeout=600, hard_timeout=20)
+    assert time.monotonic() - t0 < 120, "the hard limit did not stop the grading"
+    assert [(r.status, r.notes) for r in hung] == [("error", [grading.TIMED_OUT])], \
+        [r.line() for r in hung]
+    time.sleep(1.0)
+    assert not _processes_with(marker), "a process the submission started outlived its grading"
+    rest = {r.student: r for r in grading.autograde(grading.Course(course), students=["correct"])}
+    assert _full(rest["correct"]), rest["correct"].line()
+    con = sqlite3.connect(course / "gradebook.db")
+    assert con.execute("pragma integrity_check").fetchone()[0] == "ok"
+    con.close()
+
+
 def test_interrupted_run_leaves_a_sound_gradebook(tmp_path):
     course = make_course(tmp_path / "course", [A])
     for i in range(3):
@@ -309,13 +349,15 @@ def test_interrupted_run_leaves_a_sound_gradebook(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "handson.grading", "--root", str(course), "autograde",
                              "--jobs", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()
     deadline = time.monotonic() + 120
-    for line in proc.stdout:
-        if line.startswith("s0/") or time.monotonic() > deadline:
-            break
+    with contextlib.suppress(queue.Empty):
+        while not lines.get(timeout=max(0.1, deadline - time.monotonic())).startswith("s0/"):
+            pass
     time.sleep(1.0)  # let the next submission get under way
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=60)
     con = sqlite3.connect(course / "gradebook.db")
     assert con.execute("pragma integrity_check").fetchone()[0] == "ok"
     con.close()

@@ -27,8 +27,9 @@ nbformat and nbgrader are imported inside the functions that use them.
 """
 
 from handson.grading import integrity, report
-from handson.grading.autograde import (MANIFEST, STUDENT_ID, Result, autograde, default_jobs,
-                                       discover, grade_submission)
+from handson.grading.autograde import (GRACE_SECONDS, MANIFEST, STUDENT_ID, TIMED_OUT, Result,
+                                       autograde, default_jobs, discover, grade_submission,
+                                       hard_limit)
 from handson.grading.cli import main
 from handson.grading.collect import collect_zip
 from handson.grading.course import Course, nbgrader_config
@@ -39,9 +40,9 @@ from handson.grading.release import ensure_gradebook, generate_releases
 from handson.grading.repair import MAX_NOTEBOOK_BYTES, load_submission, repair_notebook
 
 __all__ = [
-    "HIDDEN_BEGIN", "HIDDEN_END", "KERNEL_NAME", "MANIFEST", "MAX_CELL_OUTPUT", "MAX_NOTEBOOK_BYTES",
-    "SANDBOX_MODULE", "STUDENT_ID", "Course", "Result", "autograde", "collect_zip", "default_jobs",
+    "GRACE_SECONDS", "HIDDEN_BEGIN", "HIDDEN_END", "KERNEL_NAME", "MANIFEST", "MAX_CELL_OUTPUT", "MAX_NOTEBOOK_BYTES",
+    "SANDBOX_MODULE", "STUDENT_ID", "TIMED_OUT", "Course", "Result", "autograde", "collect_zip", "default_jobs",
     "discover", "ensure_gradebook", "export_grades", "feedback", "generate_releases",
-    "grade_submission", "integrity", "load_submission", "main", "nbgrader_config",
+    "grade_submission", "hard_limit", "integrity", "load_submission", "main", "nbgrader_config",
     "probe_isolation", "repair_notebook", "report",
 ]

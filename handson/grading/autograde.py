@@ -205,8 +205,137 @@ def default_jobs() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def _worker_init(reference: dict[str, str]) -> None:
+#: Seconds a submission's grading may take beyond its notebooks' deadlines (starting the kernel,
+#: nbgrader's own work, the gradebook) before its worker process is killed.
+GRACE_SECONDS = 180
+#: The note of a submission whose grading ran past its hard limit (it is not tried again).
+TIMED_OUT = "grading was stopped: it ran past the submission's time limit"
+
+
+def hard_limit(course: Course, assignment: str, notebook_timeout: float) -> float:
+    """The wall-clock limit of one submission: every notebook's deadline, plus the grace."""
+    return max(1, len(course.release_notebooks(assignment))) * float(notebook_timeout) + GRACE_SECONDS
+
+
+def _worker_main(conn, reference: dict[str, str]) -> None:
+    """A grading worker: grade the submissions sent on ``conn``, one at a time, until ``None``."""
     integrity.set_reference(reference)
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        course, student, assignment, kwargs = task
+        try:
+            r = grade_submission(course, student, assignment, **kwargs)
+        except Exception as exc:  # noqa: BLE001 -- one submission never stops the batch
+            r = Result(student, assignment, "error", notes=[f"{type(exc).__name__}: {exc}"])
+        conn.send(r)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process started, directly or not, by ``pid`` (Linux's /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            stat = entry.read_text()
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_tree(proc) -> None:
+    """Kill a worker and the kernels it started (they run in sessions of their own)."""
+    import signal
+
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    proc.join(10)
+
+
+def _grade_in_workers(course: Course, tasks: list[tuple[str, str, str]], jobs: int, kwargs: dict,
+                      limits: dict[str, float], done: Any, last_try: bool = False
+                      ) -> list[tuple[str, str, str]]:
+    """Grade ``tasks`` in ``jobs`` worker processes, each submission under its hard limit.
+
+    ``done(student, assignment, digest, result)`` receives each result. Returns the tasks whose
+    grading ended in an error worth one more try (a crashed worker, a locked gradebook), unless
+    ``last_try``, when every result is final.
+    """
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    if not tasks:
+        return []
+    ctx = mp.get_context("spawn")
+    reference = integrity.reference_fingerprints()
+    queue = list(tasks)
+    idle: list[tuple[Any, Any]] = []                      # (process, connection)
+    busy: dict[Any, tuple[Any, tuple[str, str, str], float]] = {}  # conn -> (proc, task, start)
+    retry: list[tuple[str, str, str]] = []
+
+    def finish(task: tuple[str, str, str], r: Result) -> None:
+        if r.status == "error" and not last_try and not r.notes[-1:] == [TIMED_OUT]:
+            retry.append(task)
+        else:
+            done(*task, r)
+
+    try:
+        while queue or busy:
+            while queue and len(busy) < jobs:
+                if idle:
+                    proc, conn = idle.pop()
+                else:
+                    conn, child = ctx.Pipe()
+                    proc = ctx.Process(target=_worker_main, args=(child, reference), daemon=True,
+                                       name="handson-grader")
+                    proc.start()
+                    child.close()
+                task = queue.pop(0)
+                conn.send((course, task[0], task[1], kwargs))
+                busy[conn] = (proc, task, time.monotonic())
+            ready = wait([*busy, *(p.sentinel for p, _, _ in busy.values())], timeout=1.0)
+            for conn, (proc, task, start) in list(busy.items()):
+                student, assignment, _ = task
+                if conn in ready or conn.poll():
+                    try:
+                        r = conn.recv()
+                    except (EOFError, OSError):
+                        r = None
+                    if isinstance(r, Result):
+                        del busy[conn]
+                        idle.append((proc, conn))
+                        finish(task, r)
+                        continue
+                elapsed = time.monotonic() - start
+                dead = not proc.is_alive()
+                if dead or elapsed > limits[assignment]:
+                    del busy[conn]
+                    note = (f"the grading process died (exit code {proc.exitcode})" if dead
+                            else TIMED_OUT)
+                    _kill_tree(proc)
+                    conn.close()
+                    finish(task, Result(student, assignment, "error", notes=[note], seconds=elapsed))
+    finally:
+        for proc, conn in idle:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+            proc.join(5)
+            if proc.is_alive():
+                _kill_tree(proc)
+        for proc, _, _ in busy.values():
+            _kill_tree(proc)
+    return retry
 
 
 def _load_manifest(course: Course) -> dict[str, str]:
@@ -270,8 +399,15 @@ def discover(course: Course, students: Sequence[str] | None = None,
 def autograde(course: Course, students: Sequence[str] | None = None,
               assignments: Sequence[str] | None = None, force: bool = False, timeout: float = 60,
               notebook_timeout: float = 600, verbose: bool = False,
-              export: bool = True, jobs: int | None = None) -> list[Result]:
-    """Grade every new or changed submission; keep every other gradebook row; export grades."""
+              export: bool = True, jobs: int | None = None,
+              hard_timeout: float | None = None) -> list[Result]:
+    """Grade every new or changed submission; keep every other gradebook row; export grades.
+
+    Each submission is graded in a worker process (``jobs`` at a time). A worker that takes longer
+    than ``hard_timeout`` seconds on one submission (by default :func:`hard_limit`) is killed with
+    everything it started, and the submission is reported as an error: whatever hangs, the batch
+    goes on.
+    """
     todo, results = discover(course, students, assignments)
     for r in results:
         print(r.line(), flush=True)
@@ -312,39 +448,11 @@ def autograde(course: Course, students: Sequence[str] | None = None,
 
     kwargs = dict(timeout=timeout, notebook_timeout=notebook_timeout, verbose=verbose)
     jobs = max(1, min(jobs or default_jobs(), len(pending)))
-    if jobs == 1:
-        for student, assignment, digest in pending:
-            try:
-                r = grade_submission(course, student, assignment, **kwargs)
-            except Exception as exc:  # noqa: BLE001 -- one submission never stops the batch
-                r = Result(student, assignment, "error", notes=[f"{type(exc).__name__}: {exc}"])
-            _done(student, assignment, digest, r)
-    elif pending:
-        import concurrent.futures as cf
-        import multiprocessing as mp
-
-        reference = integrity.reference_fingerprints()
-        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"),
-                                    initializer=_worker_init, initargs=(reference,)) as pool:
-            futures = {pool.submit(grade_submission, course, s, a, **kwargs): (s, a, d)
-                       for s, a, d in pending}
-            retry: list[tuple[str, str, str]] = []
-            for fut in cf.as_completed(futures):
-                s, a, d = futures[fut]
-                try:
-                    r = fut.result()
-                except Exception as exc:  # noqa: BLE001 -- a crashed worker loses one submission
-                    r = Result(s, a, "error", notes=[f"{type(exc).__name__}: {exc}"])
-                if r.status == "error":
-                    retry.append((s, a, d))  # e.g. the gradebook was locked by another worker
-                    continue
-                _done(s, a, d, r)
-        for s, a, d in retry:  # once more, alone
-            try:
-                r = grade_submission(course, s, a, **kwargs)
-            except Exception as exc:  # noqa: BLE001
-                r = Result(s, a, "error", notes=[f"{type(exc).__name__}: {exc}"])
-            _done(s, a, d, r)
+    limits = {a: hard_timeout or hard_limit(course, a, notebook_timeout) for _, a, _ in pending}
+    if pending:
+        retry = _grade_in_workers(course, pending, jobs, kwargs, limits, _done)
+        # once more, one at a time: e.g. the gradebook was locked by another worker
+        _grade_in_workers(course, retry, 1, kwargs, limits, _done, last_try=True)
     if export and course.gradebook.exists():
         export_grades(course)
     return results

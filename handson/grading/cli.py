@@ -48,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="seconds per notebook (default 600)")
     p.add_argument("--jobs", type=int, default=None,
                    help="submissions graded at once (default: one per core, at most 4)")
+    p.add_argument("--submission-timeout", type=float, default=None,
+                   help="seconds one submission may take in all before its grading is killed "
+                        "(default: the notebook timeout per notebook, plus 180)")
     p = sub.add_parser("feedback", help="write feedback HTML to feedback/")
     p.add_argument("assignments", nargs="*")
     p.add_argument("--student", action="append")
@@ -68,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "autograde":
         results = autograde(course, args.student, args.assignments or None, force=args.force,
                             timeout=args.timeout, notebook_timeout=args.notebook_timeout,
-                            verbose=args.verbose, jobs=args.jobs)
+                            verbose=args.verbose, jobs=args.jobs,
+                            hard_timeout=args.submission_timeout)
         bad = [r for r in results if r.status in ("error", "ungradable")]
         graded = [r for r in results if r.status == "graded"]
         print(f"{len(graded)} graded, {len([r for r in results if r.status == 'skipped'])} unchanged, "
