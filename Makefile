@@ -9,6 +9,10 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 # suite, releases) has a file of its own, so it is built once, on one worker; torch runs one thread
 # per process, since the workers already fill the cores.
 JOBS ?= 2
+# make test stops the test session after this many seconds (it takes about ten minutes on two cores):
+# a hang becomes a failure that prints where each worker was (pytest's faulthandler_timeout dumps
+# the stack of any test past 20 minutes) instead of a silent wait for an outside limit.
+TEST_LIMIT ?= 2700
 
 .PHONY: help install book lab exercises autograde feedback report export run library collect bench test clean
 
@@ -73,8 +77,10 @@ bench: $(STAMP)
 # the catalog of buggy submissions, nbval over the chapters, and the book build (which must work offline).
 test: $(STAMP)
 	$(PY) -m handson.nbtools library --check
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --durations=15 -n $(JOBS) --dist loadfile \
-		--nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg tests book
+	OMP_NUM_THREADS=1 timeout --signal=INT --kill-after=60 $(TEST_LIMIT) \
+		$(PY) -m pytest -q -p no:cacheprovider --durations=15 -n $(JOBS) --dist loadfile \
+		--nbval --nbval-current-env --nbval-cell-timeout=300 --nbval-sanitize-with tests/nbval_sanitize.cfg \
+		tests book
 	$(VENV)/bin/jupyter-book build . --all -W -n --keep-going
 	$(PY) tests/check_offline.py _build/html --expect-mathjax
 	@if grep -rlE "BEGIN SOLUTION|BEGIN HIDDEN TESTS" _build/html; then \

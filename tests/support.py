@@ -189,6 +189,10 @@ def grade_in_process(assignment: str, submissions: dict[str, dict[str, str]], tm
     return grade_in_process_many({assignment: submissions}, tmp, jobs=1)[assignment]
 
 
+#: Seconds one assignment's whole catalog may take in tests/inprocess.py before the proof fails.
+IN_PROCESS_LIMIT = 1200
+
+
 def grade_in_process_many(work: dict[str, dict[str, dict[str, str]]], tmp: Path,
                           jobs: int | None = None) -> dict[str, dict]:
     """Grade {assignment: {name: answers}}: one fresh process per assignment, ``jobs`` at a time.
@@ -206,24 +210,33 @@ def grade_in_process_many(work: dict[str, dict[str, dict[str, str]]], tmp: Path,
     script = str(Path(__file__).with_name("inprocess.py"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     pending = list(work)
-    running: dict[str, tuple[subprocess.Popen, Path, Path]] = {}
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
     results: dict[str, dict] = {}
-    while pending or running:
-        while pending and len(running) < jobs:
-            a = pending.pop(0)
-            subs, out = tmp / f"{a}-submissions.json", tmp / f"{a}-results.json"
-            subs.write_text(json.dumps(work[a]))
-            with open(out, "w") as fh:
-                proc = subprocess.Popen([sys.executable, script, a, str(subs)], stdout=fh,
-                                        stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-            running[a] = (proc, subs, out)
-        for a, (proc, _, out) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            err = proc.stderr.read() if proc.stderr else ""
-            del running[a]
-            if proc.returncode:
-                raise AssertionError(f"in-process grading of {a} failed:\n{err[-3000:]}")
-            results[a] = json.loads(out.read_text())
-        time.sleep(0.05)
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                a = pending.pop(0)
+                subs, out, err = (tmp / f"{a}-{name}" for name in
+                                  ("submissions.json", "results.json", "stderr.txt"))
+                subs.write_text(json.dumps(work[a]))
+                # files, not pipes: a pipe nobody reads fills up and stops the writer for good
+                with open(out, "w") as fh, open(err, "w") as fe:
+                    proc = subprocess.Popen([sys.executable, script, a, str(subs)], stdout=fh,
+                                            stderr=fe, text=True, cwd=ROOT, env=env)
+                running[a] = (proc, time.monotonic())
+            for a, (proc, start) in list(running.items()):
+                if proc.poll() is None:
+                    if time.monotonic() - start > IN_PROCESS_LIMIT:
+                        raise AssertionError(f"in-process grading of {a} ran past {IN_PROCESS_LIMIT} s")
+                    continue
+                del running[a]
+                if proc.returncode:
+                    err = (tmp / f"{a}-stderr.txt").read_text()
+                    raise AssertionError(f"in-process grading of {a} failed:\n{err[-3000:]}")
+                results[a] = json.loads((tmp / f"{a}-results.json").read_text())
+            time.sleep(0.05)
+    finally:
+        for proc, _ in running.values():
+            proc.kill()
+            proc.wait()
     return results
