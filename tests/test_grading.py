@@ -98,3 +98,30 @@ def test_sandbox_probe_reports_a_level():
     if sys.platform.startswith("linux") and os.geteuid() == 0:
         # root on Linux (CI's case) must get the full isolation, not a silent fallback
         assert level == "namespace+user", level
+
+
+def test_sandbox_copies_only_regular_data_files(tmp_path):
+    """Notebooks, hidden files, links, FIFOs and sockets stay behind; opening a FIFO would block."""
+    import os
+    import socket
+    import threading
+
+    from handson.grading import sandbox
+
+    (tmp_path / "data.txt").write_text("tokens")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "table.csv").write_text("a,b")
+    (tmp_path / "answer.ipynb").write_text("{}")
+    (tmp_path / ".hidden").write_text("x")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "data.txt")
+    os.mkfifo(tmp_path / "pipe")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock"))
+    found: list[dict] = []
+    reader = threading.Thread(target=lambda: found.append(sandbox._collect_files(str(tmp_path))),
+                              daemon=True)
+    reader.start()
+    reader.join(20)
+    sock.close()
+    assert not reader.is_alive(), "copying the data files blocked (it opened the FIFO)"
+    assert found == [{"data.txt": b"tokens", os.path.join("sub", "table.csv"): b"a,b"}]

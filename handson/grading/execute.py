@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -141,8 +142,9 @@ def probe_isolation(course: Course) -> str:
     """The isolation level kernels get on this machine (see :mod:`handson.grading.sandbox`)."""
     env = dict(os.environ, HANDSON_SANDBOX=json.dumps({"hide": [str(course.root)]}))
     try:
-        out = subprocess.run([sys.executable, "-m", SANDBOX_MODULE, "--probe"], env=env,
-                             capture_output=True, text=True, timeout=60, check=False)
+        with tempfile.TemporaryDirectory(prefix="handson-probe-") as empty:  # nothing to copy in
+            out = subprocess.run([sys.executable, "-m", SANDBOX_MODULE, "--probe"], env=env,
+                                 cwd=empty, capture_output=True, text=True, timeout=60, check=False)
         return (out.stdout.strip().splitlines() or ["none"])[-1]
     except (OSError, subprocess.TimeoutExpired):
         return "none"

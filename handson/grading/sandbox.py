@@ -33,6 +33,7 @@ import ctypes
 import json
 import os
 import resource
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -147,9 +148,12 @@ def _collect_files(src: str | None) -> dict[str, bytes]:
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in names:
             path = os.path.join(root, name)
-            if name.endswith(".ipynb") or name.startswith(".") or os.path.islink(path):
+            if name.endswith(".ipynb") or name.startswith("."):
                 continue
-            size = os.path.getsize(path)
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):  # no links; a FIFO or a socket would block the read
+                continue
+            size = st.st_size
             if total + size > MAX_COPY_BYTES:
                 continue
             total += size
