@@ -10,7 +10,11 @@ stderr never decides a score). tests/test_autograde.py checks that both paths ag
 
     python tests/inprocess.py <assignment> <submissions.json>   ->  JSON results on stdout
 
-where submissions.json maps a submission name to {grade_id: answer source}.
+where submissions.json maps a submission name to {grade_id: answer source}. A name may also appear
+in its "__stop_after__" entry, {name: [test grade ids]}: that submission (a cataloged bug) stops
+once those test cells have run and one test cell has failed, since the proof asks of a bug only
+where it fails first and whether the cells meant to catch it do; the results then hold the cells
+that ran.
 """
 
 from __future__ import annotations
@@ -66,13 +70,20 @@ def _reset_torch() -> None:
     torch.manual_seed(0)
 
 
-def grade(cells: list[dict], answers: dict[str, str]) -> dict[str, dict]:
-    """Run one submission; return {test grade id: {"score", "max", "error"}} in notebook order."""
+def grade(cells: list[dict], answers: dict[str, str],
+          stop_after: list[str] | None = None) -> dict[str, dict]:
+    """Run one submission; return {test grade id: {"score", "max", "error"}} in notebook order.
+
+    With ``stop_after`` (test grade ids), stop once all of them have run and a test has failed.
+    """
     _reset_torch()
     ns: dict = {"__name__": "__main__"}
     results: dict[str, dict] = {}
+    waiting = set(stop_after or ())
     signal.signal(signal.SIGALRM, _alarm)
     for c in cells:
+        if stop_after is not None and not waiting and any(r["error"] for r in results.values()):
+            break
         src = answers.get(c["grade_id"], c["source"]) if c["answer"] else c["source"]
         error = None
         signal.alarm(CELL_TIMEOUT)
@@ -91,6 +102,7 @@ def grade(cells: list[dict], answers: dict[str, str]) -> dict[str, dict]:
         if c["points"] is not None:
             results[c["grade_id"]] = {"score": 0.0 if error else c["points"], "max": c["points"],
                                       "error": error}
+            waiting.discard(c["grade_id"])
     return results
 
 
@@ -100,8 +112,9 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)  # several assignments are graded side by side, one core each
     assignment, subs_path = argv
     submissions = json.loads(Path(subs_path).read_text())
+    stop_after = submissions.pop("__stop_after__", {})
     cells = source_cells(assignment)
-    out = {name: grade(cells, answers) for name, answers in submissions.items()}
+    out = {name: grade(cells, answers, stop_after.get(name)) for name, answers in submissions.items()}
     json.dump(out, sys.stdout)
     return 0
 

@@ -24,7 +24,10 @@ def _name(kind: str, name: str) -> str:
 
 def _submissions(a: str) -> dict[str, dict[str, str]]:
     subs = {"solution": solution_cells(a), "blank": blank_cells(a)}
-    subs.update({_name("bug", b.name): b.answers(a) for b in load_catalog(a)})
+    bugs = load_catalog(a)
+    subs.update({_name("bug", b.name): b.answers(a) for b in bugs})
+    # a bug is graded until its first failure and the cells meant to catch it have run
+    subs["__stop_after__"] = {_name("bug", b.name): list(b.expect) for b in bugs}
     subs.update({_name("control", c.name): c.answers(a) for c in load_controls(a)})
     for kind, answers in transcriptions(a).items():
         if answers:
