@@ -4,15 +4,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
-# make test runs the test files and the chapters (nbval) on this many workers, one file or notebook per
-# worker at a time (--dist loadfile): each heavy session fixture (catalogs, nbgrader runs, hostile
-# suite, releases) has a file of its own, so it is built once, on one worker; torch runs one thread
-# per process, since the workers already fill the cores.
-JOBS ?= 2
-# make test stops the test session after this many seconds (it takes about ten minutes on two cores):
-# a hang becomes a failure that prints where each worker was (pytest's faulthandler_timeout dumps
-# the stack of any test past 20 minutes) instead of a silent wait for an outside limit.
+# make test runs two pytest sessions side by side, one per core: nbgrader end to end (the sampled
+# catalogs and the hostile suite), and everything else (the chapters under nbval, the catalog proofs,
+# the unit tests), whose output goes to _build/test-chapters.log and is printed at the end.
+# Each is a plain pytest process: torch runs one thread per process, since the two fill the cores.
+# Each session is stopped after TEST_LIMIT seconds (make test takes about nine minutes on two cores):
+# a hang becomes a failure that prints where it was (pytest's faulthandler_timeout dumps the stack of
+# any test past 20 minutes) instead of a silent wait for an outside limit.
 TEST_LIMIT ?= 2700
+PYTEST = OMP_NUM_THREADS=1 timeout --signal=INT --kill-after=60 $(TEST_LIMIT) \
+	$(PY) -m pytest -q -p no:cacheprovider --durations=10
+E2E = tests/test_autograde.py tests/test_hostile.py
+NBVAL = --nbval --nbval-current-env --nbval-cell-timeout=300 --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 .PHONY: help install book lab exercises autograde feedback report export run library collect bench test clean
 
@@ -77,10 +80,14 @@ bench: $(STAMP)
 # the catalog of buggy submissions, nbval over the chapters, and the book build (which must work offline).
 test: $(STAMP)
 	$(PY) -m handson.nbtools library --check
-	OMP_NUM_THREADS=1 timeout --signal=INT --kill-after=60 $(TEST_LIMIT) \
-		$(PY) -m pytest -q -p no:cacheprovider --durations=15 -n $(JOBS) --dist loadfile \
-		--nbval --nbval-current-env --nbval-cell-timeout=300 --nbval-sanitize-with tests/nbval_sanitize.cfg \
-		tests book
+	@mkdir -p _build
+	@echo "make test: nbgrader end to end here; the chapters, the catalog proofs and the unit tests alongside"
+	@$(PYTEST) $(NBVAL) book tests $(E2E:%=--ignore=%) > _build/test-chapters.log 2>&1 & chapters=$$!; \
+	$(PYTEST) $(E2E); e2e=$$?; \
+	wait $$chapters; ch=$$?; \
+	echo "---- the chapters, the catalog proofs and the unit tests (_build/test-chapters.log):"; \
+	cat _build/test-chapters.log; \
+	test $$e2e -eq 0 && test $$ch -eq 0
 	$(VENV)/bin/jupyter-book build . --all -W -n --keep-going
 	$(PY) tests/check_offline.py _build/html --expect-mathjax
 	@if grep -rlE "BEGIN SOLUTION|BEGIN HIDDEN TESTS" _build/html; then \

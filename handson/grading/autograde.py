@@ -2,8 +2,9 @@
 
 :func:`discover` lists ``submitted/<student>/<assignment>/`` (refusing bad student ids and unknown
 assignments); :func:`autograde` skips what the manifest (``.handson/autograde-manifest.json``)
-says is unchanged since it was graded, grades the rest -- in parallel worker processes when there
-are several -- and exports ``grades.csv``. :func:`grade_submission` grades one submission in its
+says is unchanged since it was graded, grades the rest in worker processes (several at once), each
+submission under a hard wall-clock limit past which its worker and kernel are killed, and exports
+``grades.csv``. :func:`grade_submission` grades one submission in its
 own private copy of the course that holds no solutions and no other student's files: the
 submission is loaded and repaired (:mod:`~handson.grading.repair`), run by the sandboxed executor
 (:mod:`~handson.grading.execute`), scanned for tampering (:mod:`~handson.grading.integrity`), and
