@@ -285,6 +285,14 @@ def _grade_in_workers(course: Course, tasks: list[tuple[str, str, str]], jobs: i
     busy: dict[Any, tuple[Any, tuple[str, str, str], float]] = {}  # conn -> (proc, task, start)
     retry: list[tuple[str, str, str]] = []
 
+    def start() -> tuple[Any, Any]:
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker_main, args=(child, reference), daemon=True,
+                           name="handson-grader")
+        proc.start()
+        child.close()
+        return proc, conn
+
     def finish(task: tuple[str, str, str], r: Result) -> None:
         if r.status == "error" and not last_try and not r.notes[-1:] == [TIMED_OUT]:
             retry.append(task)
@@ -294,16 +302,14 @@ def _grade_in_workers(course: Course, tasks: list[tuple[str, str, str]], jobs: i
     try:
         while queue or busy:
             while queue and len(busy) < jobs:
-                if idle:
-                    proc, conn = idle.pop()
-                else:
-                    conn, child = ctx.Pipe()
-                    proc = ctx.Process(target=_worker_main, args=(child, reference), daemon=True,
-                                       name="handson-grader")
-                    proc.start()
-                    child.close()
                 task = queue.pop(0)
-                conn.send((course, task[0], task[1], kwargs))
+                proc, conn = idle.pop() if idle else start()
+                try:
+                    conn.send((course, task[0], task[1], kwargs))
+                except OSError:  # that idle worker is gone: a fresh one
+                    _kill_tree(proc)
+                    proc, conn = start()
+                    conn.send((course, task[0], task[1], kwargs))
                 busy[conn] = (proc, task, time.monotonic())
             ready = wait([*busy, *(p.sentinel for p, _, _ in busy.values())], timeout=1.0)
             for conn, (proc, task, start) in list(busy.items()):
