@@ -121,3 +121,22 @@ def test_controls_keep_full_marks(proven):
         if got < full:
             rejected.append(f"{c.name} ({c.why}) scored {got}/{full}: {_first_failure(cells)}")
     assert not rejected, f"{a}: correct answers rejected: " + "; ".join(rejected)
+
+
+def test_a_bug_is_graded_until_its_first_failure_and_its_expected_cells():
+    """The in-process grader's early stop for bugs (tests/inprocess.py): never before the first
+    failure, never before every cell the catalog names, and not after both."""
+    from inprocess import grade
+
+    def test(gid, ok):
+        return {"grade_id": gid, "source": "pass" if ok else "raise ValueError('wrong')",
+                "answer": False, "points": 1.0}
+
+    cells = [test("t1", True), test("t2", False), test("t3", True), test("t4", False), test("t5", True)]
+    assert list(grade(cells, {}, stop_after=["t1"])) == ["t1", "t2"]          # stops at the first failure
+    assert list(grade(cells, {}, stop_after=["t4"])) == ["t1", "t2", "t3", "t4"]  # runs the named cell
+    assert list(grade(cells, {}, stop_after=[])) == ["t1", "t2"]
+    assert list(grade(cells, {})) == ["t1", "t2", "t3", "t4", "t5"]          # solutions, controls: all
+    clean = [test("t1", True), test("t2", True)]
+    assert list(grade(clean, {}, stop_after=["t1"])) == ["t1", "t2"]          # no failure: every cell
+    assert grade(cells, {}, stop_after=["t1"])["t2"]["error"] == "ValueError: wrong"
