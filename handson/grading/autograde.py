@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Sequence
@@ -256,8 +257,6 @@ def _descendants(pid: int) -> list[int]:
 
 def _kill_tree(proc) -> None:
     """Kill a worker and the kernels it started (they run in sessions of their own)."""
-    import signal
-
     for pid in [proc.pid, *_descendants(proc.pid)]:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
